@@ -1,0 +1,41 @@
+"""Forward processes behind one marginal interface: alpha(t), sigma(t), log_snr(t) and its inverse,
+f(t), g(t), prior sampling and log-density, and the time range [t_min, t_max]."""
+from diffusion_jax.processes.base import Process, as_time, bcast, schedule_dtype
+from diffusion_jax.processes.predictions import (
+    as_eps_fn,
+    eps_from_score,
+    eps_from_v,
+    eps_from_x0,
+    score_from_eps,
+    v_from_eps,
+    x0_from_eps,
+    x0_fn,
+)
+from diffusion_jax.processes.ve import EDM, VE
+from diffusion_jax.processes.vp import Cosine, DiscreteDDPM, SubVP, VPLinear, ddpm_betas
+
+PROCESSES = {
+    "vp": VPLinear,
+    "subvp": SubVP,
+    "cosine": Cosine,
+    "ddpm": DiscreteDDPM,
+    "ve": VE,
+    "edm": EDM,
+}
+
+
+def get_process(name: str, **kwargs) -> Process:
+    """Builds a process by name: 'vp', 'subvp', 'cosine', 'ddpm' (discrete DDPM, T = 1000), 've', 'edm'."""
+    if name not in PROCESSES:
+        raise ValueError(f"unknown process {name!r}; known processes: {sorted(PROCESSES)}")
+    try:
+        return PROCESSES[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for process {name!r}: {e}") from None
+
+
+__all__ = [
+    "Process", "VPLinear", "SubVP", "Cosine", "DiscreteDDPM", "VE", "EDM", "PROCESSES", "get_process",
+    "ddpm_betas", "as_time", "bcast", "schedule_dtype", "as_eps_fn", "eps_from_score", "eps_from_v",
+    "eps_from_x0", "score_from_eps", "v_from_eps", "x0_from_eps", "x0_fn",
+]

@@ -1,0 +1,89 @@
+"""DDPM ancestral sampling on any grid and any linear Gaussian process (Ho et al. 2020; VDM's form).
+
+For s < t, with alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2,
+the forward posterior is
+
+    q(x_s | x_t, x0) = N( (alpha_{t|s} sigma_s^2 / sigma_t^2) x_t + (alpha_s sigma_{t|s}^2 / sigma_t^2) x0,
+                          sigma_{t|s}^2 sigma_s^2 / sigma_t^2 ),
+
+and ancestral sampling draws x_s from it with x0 replaced by x0_hat = (x_t - sigma_t eps_hat) / alpha_t.
+In terms of the log-SNR lambda, with r = exp(lambda_t - lambda_s) = alpha_{t|s}^2 sigma_s^2 / sigma_t^2 in (0, 1):
+
+    sigma_{t|s}^2 / sigma_t^2 = 1 - r,      mean = r (alpha_s / alpha_t) x_t + (1 - r) alpha_s x0_hat,
+    posterior variance = (1 - r) sigma_s^2,  'beta' variance (its upper bound) = (1 - r) sigma_t^2,
+
+each 1 - r computed as -expm1(lambda_t - lambda_s). On the discrete DDPM grid (t_n = (n+1)/T) this is
+exactly Ho et al.'s sampler: mean (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t), and
+variance beta-tilde_t ('posterior') or beta_t ('beta').
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.processes.base import Process, as_time
+from diffusion_jax.sampling.common import SamplerOutput, batch_time, step_noise, track_nonfinite
+
+VARIANCES = ("posterior", "beta")
+
+
+def state_dtype(x):
+    """The solver-state dtype: float32 at least (float64 under x64 inputs), never bfloat16."""
+    return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+
+
+def posterior_coefs(process: Process, t, s):
+    """q(x_s | x_t, x0) for s < t as (c_x, c_x0, var, var_beta): mean = c_x x_t + c_x0 x0, variance
+    var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, and var_beta = sigma_{t|s}^2 (the 'beta' choice)."""
+    t, s = as_time(t), as_time(s)
+    one_minus_r = -jnp.expm1(process.log_snr(t) - process.log_snr(s))
+    r = 1.0 - one_minus_r
+    a_t, a_s = process.alpha(t), process.alpha(s)
+    sig_t, sig_s = process.sigma(t), process.sigma(s)
+    return r * a_s / a_t, one_minus_r * a_s, one_minus_r * sig_s ** 2, one_minus_r * sig_t ** 2
+
+
+def denoise(eps_fn, process: Process, x, t, cond, dtype, clip_x0: bool):
+    """One denoiser call at the scalar time t: returns (x0_hat, eps_hat) in the state dtype. With clip_x0,
+    x0_hat is clipped to [-1, 1] and eps_hat recomputed from it (as in the DDPM/DDIM reference code)."""
+    eps = eps_fn(x, batch_time(t, x), cond).astype(dtype)
+    a_t, s_t = process.alpha(t), process.sigma(t)
+    x0 = (x - s_t * eps) / a_t
+    if clip_x0:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - a_t * x0) / s_t
+    return x0, eps
+
+
+def ancestral(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, variance: str = "posterior",
+              noise_final: bool = False, clip_x0: bool = False) -> SamplerOutput:
+    """DDPM ancestral sampling: x_{i+1} ~ q(x_{t_{i+1}} | x_{t_i}, x0_hat) on the decreasing grid ts.
+
+        x_s = r (alpha_s / alpha_t) x_t + (1 - r) alpha_s x0_hat + std z,   r = exp(lambda_t - lambda_s),
+        std^2 = (1 - r) sigma_s^2 ('posterior', beta-tilde) or (1 - r) sigma_t^2 ('beta').
+
+    The last step adds no noise unless noise_final=True. Injected noise has shape (N, *x.shape).
+    NFE = N.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown ancestral variance {variance!r}; expected one of {VARIANCES}")
+    dtype = state_dtype(x)
+    x = jnp.asarray(x, dtype)
+    ts = as_time(ts)
+    n = ts.shape[0] - 1
+
+    def step(carry, inp):
+        x, bad = carry
+        i, t, s = inp
+        x0, _ = denoise(eps_fn, process, x, t, cond, dtype, clip_x0)
+        c_x, c_x0, var, var_beta = posterior_coefs(process, t, s)
+        std = jnp.sqrt(var if variance == "posterior" else var_beta)
+        if not noise_final:
+            std = jnp.where(i == n - 1, 0.0, std)
+        z = step_noise(key, noise, i, x.shape, dtype)
+        x = (c_x * x + c_x0 * x0 + std * z).astype(dtype)
+        return (x, track_nonfinite(bad, i, x)), None
+
+    init = (x, jnp.asarray(-1, jnp.int32))
+    (x, bad), _ = jax.lax.scan(step, init, (jnp.arange(n), ts[:-1], ts[1:]))
+    return SamplerOutput(x, n, bad)

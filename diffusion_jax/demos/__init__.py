@@ -1,0 +1,1 @@
+"""Runnable demonstrations (`python -m diffusion_jax.demos.<name>`)."""

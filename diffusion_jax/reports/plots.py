@@ -1,0 +1,71 @@
+"""PNG figures made by the library's own functions: sample scatters, image grids, error-vs-NFE curves."""
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def scatter_panels(panels: dict[str, np.ndarray], path: str, *, lim: float | None = None, title: str = "") -> str:
+    """One 2-D scatter per named sample set (N, 2), side by side, on shared axes."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    allpts = np.concatenate([np.asarray(v)[:, :2] for v in panels.values()])
+    lim = lim or float(np.percentile(np.abs(allpts), 99.5)) * 1.1
+    for ax, (name, pts) in zip(axes[0], panels.items()):
+        pts = np.asarray(pts)
+        ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, lw=0)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def image_grid(images: np.ndarray, path: str, *, ncol: int | None = None, value_range=(-1.0, 1.0)) -> str:
+    """Saves (N, H, W, C) images (C = 1 or 3) in value_range as one PNG grid."""
+    images = np.asarray(images, np.float32)
+    lo, hi = value_range
+    images = np.clip((images - lo) / (hi - lo), 0.0, 1.0)
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.ones((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = images[i]
+    fig = plt.figure(figsize=(grid.shape[1] / 40, grid.shape[0] / 40))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def error_vs_nfe(curves: dict[str, tuple[list, list]], path: str, *, ylabel: str = "error", title: str = "") -> str:
+    """Log-log error-vs-NFE curves, one line per sampler: curves[name] = (nfes, errors)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, (nfe, err) in curves.items():
+        ax.loglog(nfe, err, marker="o", ms=3, label=name)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,0 +1,170 @@
+"""Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero conditioning.
+
+    tokens = PatchEmbed_p(x) + pos     (p x p patches -> N = HW / p^2 tokens; fixed 2-D sin-cos pos)
+    c      = MLP(emb(time_scale * t)) [+ E[label]] [+ W_z z if 'time_add' in z_conditioning]
+    block:  (s1, a1, g1, s2, a2, g2) = W_mod silu(c)           (W_mod zero-initialised)
+            h = h + g1 * Attn(LN(h) (1 + a1) + s1)
+            h = h + g2 * MLP(LN(h) (1 + a2) + s2)
+    final:  (s, a) = W_f silu(c);  out = unpatchify(W_o (LN(h) (1 + a) + s))   (W_f, W_o zero)
+
+so the output is exactly zero at initialisation. LayerNorms are affine-free, eps 1e-6, float32.
+Each block sows its output tokens (B, N, hidden_size) as 'block_{i}' (token n = row-major patch
+(n // (W/p), n % (W/p))); `block_names(module, input_shape)` lists them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.networks import partitioning as P
+from diffusion_jax.networks.embeddings import sincos_2d_posemb, timestep_embedding
+from diffusion_jax.networks.layers import MultiHeadAttention, dense
+from diffusion_jax.networks.unet import FeatureInfo, _check_z_modes, _split_cond
+
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name=name)
+
+
+def _modulate(x, shift, scale):
+    """x (1 + scale) + shift, broadcast over tokens, float32."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block (see the module docstring)."""
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, c, train: bool = False):
+        d = h.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = dense(6 * d, (P.EMBED, P.MLP), name="adaLN", init=_zeros, **kw)(nn.silu(c))
+        s1, a1, g1, s2, a2, g2 = jnp.split(mod.astype(jnp.float32), 6, axis=-1)
+        x = _modulate(_layer_norm("norm1")(h), s1, a1).astype(self.dtype)
+        x = MultiHeadAttention(self.num_heads, out_init=_xavier, name="attn", **kw)(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        h = h + (g1[:, None, :] * x).astype(h.dtype)
+        x = _modulate(_layer_norm("norm2")(h), s2, a2).astype(self.dtype)
+        x = dense(int(d * self.mlp_ratio), (P.EMBED, P.MLP), name="fc1", init=_xavier, **kw)(x)
+        x = nn.gelu(x, approximate=True)
+        x = dense(d, (P.MLP, P.EMBED), name="fc2", init=_xavier, **kw)(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        return h + (g2[:, None, :] * x).astype(h.dtype)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer; `apply(variables, x, t, cond=None, train=False)` like `UNet`.
+
+    x: (B, H, W, C) with H, W divisible by `patch_size`; output (B, H, W, out_channels or C),
+    float32.
+    cond: 'label' (B,) int (needs `num_classes`; missing -> null class `num_classes`), 'z' (B, D)
+    float (needs z_conditioning=('time_add',)).
+    """
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: Optional[int] = None
+    out_channels: Optional[int] = None
+    z_conditioning: Sequence[str] = ()     # () or ('time_add',)
+    dropout: float = 0.0
+    time_embedding: str = "sinusoidal"
+    time_scale: float = 1000.0
+    fourier_scale: float = 16.0
+    frequency_dim: int = 256
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def feature_info(self, input_shape: Sequence[int]) -> dict[str, FeatureInfo]:
+        """'block_{i}' -> FeatureInfo((N, hidden_size), patch_size), N = HW / patch_size^2."""
+        n = (input_shape[-3] // self.patch_size) * (input_shape[-2] // self.patch_size)
+        return {f"block_{i}": FeatureInfo((n, self.hidden_size), self.patch_size)
+                for i in range(self.depth)}
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[dict] = None,
+                 train: bool = False) -> jax.Array:
+        _check_z_modes(self.z_conditioning, ("time_add",))
+        b, height, width, c_in = x.shape
+        p, d = self.patch_size, self.hidden_size
+        if height % p or width % p:
+            raise ValueError(f"input {height}x{width} not divisible by patch size {p}")
+        gh, gw = height // p, width // p
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        label, z = _split_cond(cond, b, self.num_classes, tuple(self.z_conditioning))
+
+        # Patch embedding (a p x p stride-p conv, xavier on the flattened kernel) + fixed pos-emb.
+        h = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", name="patch_embed",
+                    kernel_init=nn.with_logical_partitioning(
+                        _xavier, (P.CONV_H, P.CONV_W, P.CONV_IN, P.CONV_OUT)),
+                    bias_init=nn.with_logical_partitioning(_zeros, (P.BIAS,)), **kw)(
+                        x.astype(self.dtype))
+        h = h.reshape(b, gh * gw, d).astype(jnp.float32) + sincos_2d_posemb(d, gh, gw)[None]
+        h = h.astype(self.dtype)
+
+        # Conditioning embedding c.
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
+        c = timestep_embedding(self.time_scale * t, self.frequency_dim, self.time_embedding,
+                               self.fourier_scale)
+        std = nn.initializers.normal(0.02)
+        c = dense(d, (P.EMBED, P.MLP), name="t_dense0", init=std, **kw)(c)
+        c = dense(d, (P.MLP, P.EMBED), name="t_dense1", init=std, **kw)(nn.silu(c))
+        if label is not None:
+            c = c + nn.Embed(self.num_classes + 1, d, name="label_embed",
+                             embedding_init=nn.with_logical_partitioning(std, (P.CLASSES, P.EMBED)),
+                             **kw)(label)
+        if z is not None:
+            c = c + dense(d, (P.COND, P.EMBED), name="z_embed", **kw)(z)
+
+        for i in range(self.depth):
+            h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, name=f"dit_block_{i}", **kw)(
+                h, c, train)
+            self.sow("intermediates", f"block_{i}", h)
+
+        # Final adaLN-Zero layer and unpatchify.
+        c_out = self.out_channels or c_in
+        mod = dense(2 * d, (P.EMBED, P.MLP), name="final_adaLN", init=_zeros, **kw)(nn.silu(c))
+        shift, scale = jnp.split(mod.astype(jnp.float32), 2, axis=-1)
+        h = _modulate(_layer_norm("final_norm")(h), shift, scale).astype(self.dtype)
+        h = dense(p * p * c_out, (P.EMBED, P.MLP), name="final_linear", init=_zeros, **kw)(h)
+        h = h.reshape(b, gh, gw, p, p, c_out).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, height, width, c_out).astype(jnp.float32)
+
+
+def dit_config(name: str) -> dict:
+    """Field dict for a named size, e.g. 'DiT-XL/2' -> depth, hidden_size, num_heads, patch_size.
+
+    Also accepts a bare size 'S' | 'B' | 'L' | 'XL' (patch size then left to the caller).
+    """
+    m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)(?:/(\d+))?", name)
+    if m is None:
+        raise ValueError(f"unknown DiT config {name!r}; expected e.g. 'DiT-B/4' or 'XL'")
+    cfg = dict(DIT_SIZES[m.group(1)])
+    if m.group(2):
+        cfg["patch_size"] = int(m.group(2))
+    return cfg
+
+
+def make_dit(name: str, **overrides) -> DiT:
+    """`DiT` of a named size ('DiT-S/2', 'DiT-B/4', 'DiT-L/8', 'DiT-XL/2', ...) with overrides."""
+    return DiT(**{**dit_config(name), **overrides})

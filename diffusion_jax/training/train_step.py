@@ -1,0 +1,205 @@
+"""The train step: pure function, then sharded, donated and compiled ahead of time.
+
+    step = make_train_step(loss_fn, tx, schedule)        # pure (state, batch, rng) -> (state, metrics)
+    compiled = compile_train_step(step, init.abstract, batch_spec, mesh)   # AOT, once
+    state, metrics = compiled(state, batch)              # rng = fold_in(state.rng, state.step)
+
+`loss_fn(params, batch, rng) -> (loss, aux)` is any objective (`diffusion_jax.objectives`). Mixed
+precision: the network's compute dtype (e.g. bf16) is its own `dtype`; parameters, gradients,
+optimiser state and EMA stay float32 and the loss is cast to float32 before differentiation.
+
+Metrics (float32 scalars, replicated): 'loss', 'grad_norm' (global norm before clipping),
+'learning_rate' (of the update this step contributes to), and every scalar of `aux` (nested dicts
+flattened with '/'; non-scalar aux entries are dropped). With `return_grads=True` also 'grads' (a
+params-shaped tree, sharded like the params; for tests and debugging).
+
+The per-step key `fold_in(state.rng, state.step)` depends only on the seed and the step, so a
+resumed run draws exactly the noise an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from diffusion_jax.training import distributed as dist
+from diffusion_jax.training import mesh as mesh_lib
+from diffusion_jax.training.state import TrainState, update_ema
+
+LossFn = Callable[[Any, Mapping, jax.Array], tuple[jax.Array, Any]]
+
+__all__ = ["make_train_step", "compile_train_step", "CompiledTrainStep", "batch_spec_of",
+           "validate_batch", "step_rng", "ema_decays_of"]
+
+
+def ema_decays_of(ema: Mapping[str, Any]) -> dict[str, float]:
+    """{ema_key: decay} from the keys of `state.ema` ('0p9999' -> 0.9999)."""
+    return {k: float(k.replace("p", ".").replace("m", "-")) for k in ema}
+
+
+def _scalar_metrics(aux: Any, prefix: str = "") -> dict[str, jax.Array]:
+    out = {}
+    if isinstance(aux, Mapping):
+        for k, v in aux.items():
+            out.update(_scalar_metrics(v, f"{prefix}{k}/"))
+    elif aux is not None and hasattr(aux, "shape") and np.ndim(aux) == 0:
+        out[prefix[:-1] or "aux"] = jnp.asarray(aux, jnp.float32)
+    return out
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    """The loss key of the step `state.step`: fold_in(state.rng, state.step)."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None, *, grad_accum_steps: int = 1,
+                    ema_warmup: bool = False, return_grads: bool = False
+                    ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
+    """Pure `train_step(state, batch, rng) -> (new_state, metrics)`.
+
+    grad_accum_steps must match the optimiser's `optax.MultiSteps` k (1 = no accumulation): EMA
+    and the learning-rate metric follow the optimiser updates, i.e. state.step // k. EMA decays
+    are read from `state.ema`'s keys; with `ema_warmup` the decay at update n is
+    min(decay, (1 + n) / (10 + n)).
+    """
+    k = int(grad_accum_steps)
+
+    def train_step(state: TrainState, batch, rng):
+        def objective(params):
+            loss, aux = loss_fn(params, batch, rng)
+            return jnp.asarray(loss, jnp.float32), aux
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        update_index = state.step // k          # optimiser update this step contributes to
+        ema = state.ema
+        if ema:
+            new_ema = update_ema(ema, params, ema_decays_of(ema), update_index, ema_warmup)
+            if k > 1:
+                applied = (state.step + 1) % k == 0
+                new_ema = jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new_ema, ema)
+            ema = new_ema
+        metrics = _scalar_metrics(aux)
+        metrics.update(loss=loss, grad_norm=grad_norm.astype(jnp.float32))
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(update_index), jnp.float32)
+        if return_grads:
+            metrics["grads"] = grads
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+def _key_str(path) -> str:
+    return "".join(f"[{getattr(p, 'key', getattr(p, 'idx', p))!r}]" for p in path)
+
+
+def _dtype(x) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def batch_spec_of(batch: Any, *, local: bool = True) -> Any:
+    """Global `jax.ShapeDtypeStruct` tree of a batch; `local=True`: `batch` is this process' share
+    (leading axis times process_count)."""
+    n = jax.process_count() if local else 1
+
+    def one(x):
+        shape = tuple(np.shape(x))
+        if not shape:
+            raise ValueError("every batch array needs a leading batch axis, got a scalar")
+        return jax.ShapeDtypeStruct((shape[0] * n, *shape[1:]), _dtype(x))
+
+    return jax.tree_util.tree_map(one, batch)
+
+
+def validate_batch(batch: Any, spec: Any) -> None:
+    """Clear ValueError unless `batch` matches `spec` (global ShapeDtypeStructs) in keys, shapes and
+    dtypes. Global jax.Arrays are compared with the global shape, host arrays with this process'
+    share (leading axis / process_count)."""
+    spec_leaves, spec_def = jax.tree_util.tree_flatten_with_path(spec)
+    got_leaves, got_def = jax.tree_util.tree_flatten_with_path(batch)
+    if spec_def != got_def:
+        want = sorted(_key_str(p) for p, _ in spec_leaves)
+        got = sorted(_key_str(p) for p, _ in got_leaves)
+        raise ValueError(f"batch structure does not match the compiled step: got keys {got}, "
+                         f"expected {want}")
+    n = jax.process_count()
+    for (path, s), (_, x) in zip(spec_leaves, got_leaves):
+        name = f"batch{_key_str(path)}"
+        shape = tuple(np.shape(x))
+        want = tuple(s.shape)
+        is_global = isinstance(x, jax.Array) and (n == 1 or not x.is_fully_addressable)
+        if not is_global and n > 1:
+            want = (want[0] // n, *want[1:])
+            name += f" (process {jax.process_index()}'s share of {n})"
+        if shape != want:
+            raise ValueError(f"{name} has shape {shape}, expected {want}")
+        dtype = _dtype(x)
+        if dtype != np.dtype(s.dtype):
+            raise ValueError(f"{name} has dtype {dtype}, expected {np.dtype(s.dtype)}")
+
+
+class CompiledTrainStep:
+    """An AOT-compiled, sharded, state-donating train step: `(state, batch) -> (state, metrics)`.
+
+    Attributes: `compile_seconds` (lower + compile), `lower_seconds`, `batch_spec` (global),
+    `state_shardings`, `batch_shardings`, `mesh`, `compiled` (the `jax.stages.Compiled`).
+    Calling validates the batch (keys, shapes, dtypes) and assembles host batches into global
+    arrays (`distributed.shard_batch`). The donated input state must not be used afterwards.
+    """
+
+    def __init__(self, train_step, abstract_state: TrainState, batch_spec: Any, mesh: Mesh, *,
+                 donate: bool = True):
+        self.mesh = mesh
+        self.batch_spec = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype), batch_spec)
+        self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
+        self.batch_shardings = mesh_lib.batch_shardings(self.batch_spec, mesh)
+        rep = mesh_lib.replicated(mesh)
+
+        def step_fn(state, batch):
+            return train_step(state, batch, step_rng(state))
+
+        abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+            self.state_shardings)
+        abstract_batch = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.batch_spec,
+            self.batch_shardings)
+        _, metrics_shape = jax.eval_shape(step_fn, abstract_state, abstract_batch)
+        metric_shardings = {k: (self.state_shardings.params if k == "grads" else
+                                jax.tree_util.tree_map(lambda _: rep, v))
+                            for k, v in metrics_shape.items()}
+        t0 = time.perf_counter()
+        lowered = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                          out_shardings=(self.state_shardings, metric_shardings),
+                          donate_argnums=(0,) if donate else ()).lower(abstract_state,
+                                                                       abstract_batch)
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.lower_seconds = t1 - t0
+        self.compile_seconds = time.perf_counter() - t0
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        validate_batch(batch, self.batch_spec)
+        batch = dist.shard_batch(batch, self.mesh)
+        return self.compiled(state, batch)
+
+
+def compile_train_step(train_step, abstract_state: TrainState, batch_spec: Any, mesh: Mesh, *,
+                       donate: bool = True) -> CompiledTrainStep:
+    """AOT-compiles `train_step` for `abstract_state` (ShapeDtypeStructs with `.sharding`, e.g.
+    `init_train_state(...).abstract`) and `batch_spec` (global batch ShapeDtypeStructs, e.g.
+    `batch_spec_of(first_batch)`). Raises a clear ValueError if the batch does not divide over
+    the mesh's ('data', 'fsdp') axes."""
+    return CompiledTrainStep(train_step, abstract_state, batch_spec, mesh, donate=donate)

@@ -123,7 +123,8 @@ class Process:
         """Std of the prior N(0, s^2 I) at t_max: 1 (VP family) or sigma(t_max) (VE family)."""
         if self.variance_preserving:
             return 1.0
-        return float(self.sigma(jnp.float32(self.t_max)))
+        with jax.ensure_compile_time_eval():  # a Python float even when called under jit
+            return float(self.sigma(jnp.float32(self.t_max)))
 
     def prior_sample(self, key, shape, dtype=jnp.float32) -> Array:
         return self.prior_std() * jax.random.normal(key, shape, dtype)

@@ -1,0 +1,39 @@
+"""Training objectives as pure loss factories: `factory(process, apply_fn, **options)` returns a
+jittable `loss_fn(params, batch, rng) -> (loss, aux)` with batch {'x': (B, ...), 'cond': optional}.
+
+    where               what
+    denoising.py        eps / x0 / v prediction losses, denoising score matching (sigma^2 or
+                        likelihood weighting, importance sampling), Min-SNR-gamma weighting
+    edm.py              EDM preconditioning, its loss and its eps_fn adapter
+    time_sampling.py    uniform / stratified / likelihood-importance / log-normal / discrete t, and
+                        improved DDPM's loss-aware sampler
+    weighting.py        loss weights lambda(t) and the error factors between parameterisations
+    vdm.py              the VDM ELBO with a learnable schedule
+"""
+from diffusion_jax.objectives.denoising import (
+    denoising_loss, epsilon_loss, score_matching_loss, split_batch, v_loss, x0_loss,
+)
+from diffusion_jax.objectives.edm import (
+    EDMScalings, edm_eps_fn, edm_loss, edm_loss_weight, edm_precondition, edm_scalings, edm_target,
+)
+from diffusion_jax.objectives.time_sampling import (
+    TIME_SAMPLINGS, LossHistory, TimeSample, bucket_time, edm_sigma_sample, history_probs,
+    init_loss_history, likelihood_importance_density, likelihood_importance_time, lognormal_time,
+    sample_from_history, sample_time, stratified_time, time_bucket, time_from_index, uniform_time,
+    update_history,
+)
+from diffusion_jax.objectives.vdm import elbo_bpd, vdm_elbo_loss
+from diffusion_jax.objectives.weighting import (
+    PREDICTIONS, WEIGHTINGS, eps_factor, loss_weight, min_snr_weight, snr,
+)
+
+__all__ = [
+    "denoising_loss", "epsilon_loss", "x0_loss", "v_loss", "score_matching_loss", "split_batch",
+    "EDMScalings", "edm_scalings", "edm_loss_weight", "edm_target", "edm_precondition", "edm_eps_fn",
+    "edm_loss", "TIME_SAMPLINGS", "TimeSample", "sample_time", "uniform_time", "stratified_time",
+    "likelihood_importance_time", "likelihood_importance_density", "lognormal_time", "edm_sigma_sample",
+    "time_from_index", "LossHistory", "init_loss_history", "history_probs", "sample_from_history",
+    "update_history", "bucket_time", "time_bucket", "PREDICTIONS", "WEIGHTINGS", "snr", "eps_factor",
+    "min_snr_weight", "loss_weight", "vdm_elbo_loss", "elbo_bpd",
+]
+

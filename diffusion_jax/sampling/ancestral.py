@@ -36,8 +36,8 @@ def posterior_coefs(process: Process, t, s):
     """q(x_s | x_t, x0) for s < t as (c_x, c_x0, var, var_beta): mean = c_x x_t + c_x0 x0, variance
     var = sigma_{t|s}^2 sigma_s^2 / sigma_t^2, and var_beta = sigma_{t|s}^2 (the 'beta' choice)."""
     t, s = as_time(t), as_time(s)
-    one_minus_r = -jnp.expm1(process.log_snr(t) - process.log_snr(s))
-    r = 1.0 - one_minus_r
+    d = process.log_snr(t) - process.log_snr(s)
+    r, one_minus_r = jnp.exp(d), -jnp.expm1(d)
     a_t, a_s = process.alpha(t), process.alpha(s)
     sig_t, sig_s = process.sigma(t), process.sigma(s)
     return r * a_s / a_t, one_minus_r * a_s, one_minus_r * sig_s ** 2, one_minus_r * sig_t ** 2
@@ -69,7 +69,9 @@ def ancestral(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=Non
         raise ValueError(f"unknown ancestral variance {variance!r}; expected one of {VARIANCES}")
     dtype = state_dtype(x)
     x = jnp.asarray(x, dtype)
+    noise = None if noise is None else jnp.asarray(noise, dtype)
     ts = as_time(ts)
+    process.check_t(ts, "sampler grid ts")
     n = ts.shape[0] - 1
 
     def step(carry, inp):

@@ -50,7 +50,9 @@ def ddim(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, et
     """
     dtype = state_dtype(x)
     x = jnp.asarray(x, dtype)
+    noise = None if noise is None else jnp.asarray(noise, dtype)
     ts = as_time(ts)
+    process.check_t(ts, "sampler grid ts")
     n = ts.shape[0] - 1
     deterministic = _is_zero(eta)
 
@@ -92,6 +94,7 @@ def ddim_invert(eps_fn, process: Process, x0, ts, *, cond=None, key=None, noise=
     dtype = state_dtype(x0)
     x = jnp.asarray(x0, dtype)
     ts = as_time(ts)
+    process.check_t(ts, "sampler grid ts")
     n = ts.shape[0] - 1
 
     def eps_at(y, t):

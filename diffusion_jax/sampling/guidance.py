@@ -24,8 +24,8 @@ def classifier_free_guidance(eps_fn, scale, null_cond):
     [x, x] with [cond, null_cond] concatenated along the batch axis.
 
     cond may be any pytree of arrays with leading batch axis B; null_cond has the same structure, each
-    leaf either batched (B, ...) or one unbatched value broadcast to (B, ...). scale 0 gives the
-    unconditional eps, 1 the conditional one. Output in float32 (at least).
+    leaf either batched (B, ...) or one unbatched value broadcast to (B, ...). scale (a scalar or per-example
+    (B,)) 0 gives the unconditional eps, 1 the conditional one. Output in float32 (at least).
     """
 
     def guided(x, t, cond):
@@ -43,7 +43,7 @@ def classifier_free_guidance(eps_fn, scale, null_cond):
         eps = eps_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
         eps = eps.astype(_out_dtype(x))
         eps_c, eps_u = eps[:b], eps[b:]
-        return eps_u + scale * (eps_c - eps_u)
+        return eps_u + bcast(jnp.asarray(scale, eps.dtype), eps_u) * (eps_c - eps_u)
 
     return guided
 
@@ -51,13 +51,14 @@ def classifier_free_guidance(eps_fn, scale, null_cond):
 def classifier_guidance(eps_fn, log_prob_fn, process: Process, scale):
     """eps_fn(x, t, cond) -> eps - scale sigma(t) grad_x log p(y | x_t, t), with
     log_prob_fn(x, t, cond) -> (B,) the classifier's log p(cond | x_t) per example and the gradient
-    taken with jax.grad of its sum (examples are independent). Output in float32 (at least)."""
+    taken with jax.grad of its sum (examples are independent). scale: a scalar or per-example (B,).
+    Output in float32 (at least)."""
 
     def guided(x, t, cond):
         dtype = _out_dtype(x)
         eps = eps_fn(x, t, cond).astype(dtype)
         grad = jax.grad(lambda y: jnp.sum(log_prob_fn(y, t, cond)))(x).astype(dtype)
         sigma = bcast(process.sigma(as_time(t)), x)
-        return eps - scale * sigma * grad
+        return eps - bcast(jnp.asarray(scale, dtype), x) * sigma * grad
 
     return guided

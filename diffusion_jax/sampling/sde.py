@@ -65,7 +65,9 @@ def euler_maruyama(eps_fn, process: Process, x, ts, *, cond=None, key=None, nois
     """
     dtype = state_dtype(x)
     x = jnp.asarray(x, dtype)
+    noise = None if noise is None else jnp.asarray(noise, dtype)
     ts = as_time(ts)
+    process.check_t(ts, "sampler grid ts")
     n = ts.shape[0] - 1
 
     def step(carry, inp):
@@ -88,7 +90,7 @@ def predictor_corrector(eps_fn, process: Process, x, ts, *, cond=None, key=None,
     """score_sde's PC sampler: at each grid step t = ts[i] -> s = ts[i+1], first n_corrector_steps
     Langevin corrector steps at t, then one predictor step from t to s.
 
-    Langevin (score_sde's LangevinCorrector, norms per example):
+    Langevin (score_sde's LangevinCorrector):
         step = 2 alpha_i (snr ||z|| / ||score||)^2,    x <- x + step score(x, t) + sqrt(2 step) z,
     with alpha_i = a^2 = (alpha_t / alpha_s)^2 (score_sde's 1 - beta_i for VP; 1 for VE). The norms are
     per example; langevin_norm='batch' (default, score_sde's code without its pmean) uses their means over
@@ -115,7 +117,9 @@ def predictor_corrector(eps_fn, process: Process, x, ts, *, cond=None, key=None,
         raise ValueError("predictor='none' needs a corrector with n_corrector_steps >= 1")
     dtype = state_dtype(x)
     x = jnp.asarray(x, dtype)
+    noise = None if noise is None else jnp.asarray(noise, dtype)
     ts = as_time(ts)
+    process.check_t(ts, "sampler grid ts")
     n = ts.shape[0] - 1
 
     def langevin(x, i, t, alpha_i):

@@ -69,39 +69,42 @@ def past_lambdas(lam, depth: int):
     return [full[depth - j: depth - j + n] for j in range(depth + 1)]
 
 
-def _select(orders: np.ndarray, by_order):
-    """Row k of by_order[orders[k] - 1] (each (N, M)); orders is static."""
+def select_order(orders: np.ndarray, by_order):
+    """Entry k of by_order[orders[k] - 1] (each of shape (N,)), for the static per-step orders."""
     out = by_order[0]
     for p, c in enumerate(by_order[1:], start=2):
-        out = jnp.where(jnp.asarray(orders == p)[:, None], c, out)
+        out = jnp.where(jnp.asarray(orders == p), c, out)
     return out
 
 
 def _multistep_coefficients(process: Process, ts, order: int, lower_order_final: bool, half_d2: bool = False):
-    """(sigma_{k}/sigma_{k-1}, C) with x_k = ratio_k x_{k-1} + sum_j C[k, j] x0_{k-1-j}: DPM-Solver++
-    multistep ('dpmsolver' solver type) of order min(order, k, ...) at update k."""
+    """(ratio, C) with x_k = ratio_k x_{k-1} + sum_j C[k-1, j] x0_{k-1-j}, ratio_k = sigma_k / sigma_{k-1}:
+    DPM-Solver++ multistep ('dpmsolver' solver type) of order min(order, k, ...) at update k = 1..N."""
     lam = half_lambda(process, ts)
     alpha, sigma = process.alpha(ts), process.sigma(ts)
     l0, l1, l2 = past_lambdas(lam, 2)
     h = lam[1:] - l0
-    r0, r1 = (l0 - l1) / h, (l1 - l2) / h
-    zero, one = jnp.zeros_like(h), jnp.ones_like(h)
-    # The official phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2, written stably.
-    phi_1, phi_2, phi_3 = jnp.expm1(-h), h * phi(2, -h), -h * phi(3, -h)
-    first = jnp.stack([-phi_1, zero, zero], -1)
-    second = jnp.stack([-phi_1 * (1.0 + 0.5 / r0), phi_1 * 0.5 / r0, zero], -1)
-    # Third order: divided differences D1_0 = (x0_0 - x0_1)/r0, D1_1 = (x0_1 - x0_2)/r1, as coefficient rows.
-    d1_0 = jnp.stack([one / r0, -one / r0, zero], -1)
-    d1_1 = jnp.stack([zero, one / r1, -one / r1], -1)
-    w = (r0 / (r0 + r1))[:, None]
-    d1 = d1_0 + w * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)[:, None]  # ~ h^2 x0'' / 2
-    if not half_d2:
-        d2 = 2.0 * d2  # ~ h^2 x0'': the weight that makes the update exact for quadratic x0(lambda)
-    third = -phi_1[:, None] * jnp.stack([one, zero, zero], -1) + phi_2[:, None] * d1 - phi_3[:, None] * d2
+    zero = jnp.zeros_like(h)
+    phi_1 = jnp.expm1(-h)
+    rows = [[-phi_1, zero, zero]]  # per order, the coefficients on [x0_{k-1}, x0_{k-2}, x0_{k-3}]
+    if order >= 2:
+        r0 = (l0 - l1) / h
+        rows.append([-phi_1 * (1.0 + 0.5 / r0), phi_1 * 0.5 / r0, zero])
+    if order >= 3:
+        # The official phi_2 = phi_1 / h + 1 and phi_3 = phi_2 / h - 1/2, written stably.
+        phi_2, phi_3 = h * phi(2, -h), -h * phi(3, -h)
+        r1 = (l1 - l2) / h
+        d1_0 = [1.0 / r0, -1.0 / r0, zero]  # D1_0 = (x0_{k-1} - x0_{k-2}) / r0 as coefficients
+        d1_1 = [zero, 1.0 / r1, -1.0 / r1]  # D1_1 = (x0_{k-2} - x0_{k-3}) / r1
+        w = r0 / (r0 + r1)
+        # D1 = D1_0 + w (D1_0 - D1_1) ~ h x0';  D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x0'' / 2, doubled to
+        # ~ h^2 x0'' (the weight that makes the update exact for quadratic x0) unless half_d2.
+        c2 = (1.0 if half_d2 else 2.0) / (r0 + r1)
+        rows.append([(-phi_1 if j == 0 else zero) + phi_2 * (a + w * (a - b)) - phi_3 * c2 * (a - b)
+                     for j, (a, b) in enumerate(zip(d1_0, d1_1))])
     orders = step_orders(ts.shape[0] - 1, order, lower_order_final)
-    coefs = alpha[1:, None] * _select(orders, [first, second, third])
-    return sigma[1:] / sigma[:-1], coefs[:, :order]
+    coefs = jnp.stack([alpha[1:] * select_order(orders, [row[j] for row in rows]) for j in range(order)], -1)
+    return sigma[1:] / sigma[:-1], coefs
 
 
 def _linear_multistep(eps_fn, process: Process, x, ts, cond, ratio, coefs, noise_std=None, key=None, noise=None):
@@ -178,10 +181,10 @@ def dpmpp_2m_sde(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=
         x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1+eta) h}) D_i
                   + sigma_{i+1} sqrt(1 - e^{-2 eta h}) s_noise z_i,
 
-    D_i as in 2M for solver_type='midpoint'; 'heun' instead adds alpha_{i+1} (1 - (1 - e^{-u})/u) (x0_i - x0_{i-1}) / r,
-    u = (1 + eta) h, to alpha_{i+1} (1 - e^{-u}) x0_i. The first step is first order. eta = 1 is the SDE solver of Lu et al.; eta = 0
-    gives deterministic DPM-Solver++(2M) (without lower-order final steps). Pre-drawn noise has shape
-    (N, *x.shape). eta must be a Python number.
+    D_i as in 2M for solver_type='midpoint'; 'heun' replaces alpha_{i+1} (1 - e^{-u}) (x0_i - x0_{i-1}) / (2r)
+    by alpha_{i+1} (1 - (1 - e^{-u}) / u) (x0_i - x0_{i-1}) / r, u = (1 + eta) h. The first step is first
+    order. eta = 1 is the SDE solver of Lu et al.; eta = 0 gives deterministic DPM-Solver++(2M) (without
+    lower-order final steps). Pre-drawn noise has shape (N, *x.shape). eta must be a Python number.
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")

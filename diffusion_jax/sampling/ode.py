@@ -140,8 +140,8 @@ def _solve_in_lambda(eps_fn, process: Process, x, t_start, t_end, cond, solver: 
     lam0, lam1 = half_lambda(process, t_start), half_lambda(process, t_end)
     method = ADAPTIVE_SOLVERS[solver]()
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), method, t0=lam0.astype(x.dtype), t1=lam1.astype(x.dtype), dt0=jnp.asarray(_DT0, x.dtype),
-        y0=x / process.alpha(t_start), saveat=diffrax.SaveAt(t1=True),
+        diffrax.ODETerm(vector_field), method, t0=lam0.astype(x.dtype), t1=lam1.astype(x.dtype),
+        dt0=jnp.asarray(_DT0, x.dtype), y0=x / process.alpha(t_start), saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
     )
     x_end = process.alpha(t_end) * sol.ys[-1]

@@ -1,35 +1,47 @@
-"""UniPC (Zhao et al. 2023, arXiv:2302.04867): unified predictor-corrector, B(h) = e^h - 1 ('bh2'),
+"""UniPC (Zhao et al. 2023, arXiv:2302.04867): unified predictor-corrector with B(h) = e^h - 1 ('bh2') and
 data prediction, following wl-zhao/UniPC `multistep_uni_pc_bh_update`.
 
 In lambda = log(alpha / sigma) with h = lambda_k - lambda_{k-1}, r_m = (lambda_{k-1-m} - lambda_{k-1}) / h,
-D_m = (x0_{k-1-m} - x0_{k-1}) / r_m and B = e^{-h} - 1, an update of order p is
+D_m = (x0_{k-1-m} - x0_{k-1}) / r_m and, for data prediction, B = e^{-h} - 1, an update of order p is
 
     base       x_k' = (sigma_k / sigma_{k-1}) x_{k-1} - alpha_k B x0_{k-1}
-    UniP-p     x_k  = x_k' - alpha_k B sum_{m<p} rho^p_m D_m
-    UniC-p     x_k^c = x_k' - alpha_k B (sum_{m<p} rho^c_m D_m + rho^c_p (x0(x_k, t_k) - x0_{k-1}))
+    UniP-p     x_k  = x_k' - alpha_k B sum_{m=1}^{p-1} rho^p_m D_m
+    UniC-p     x_k^c = x_k' - alpha_k B (sum_{m=1}^{p-1} rho^c_m D_m + rho^c_p (x0(x_k, t_k) - x0_{k-1}))
 
-with rho solving R rho = b, R_{jm} = r_m^j (r_p = 1), b_j = (j+1)! phi_{j+2}(-h) / phi_1(-h) (the official
-rho^p = 1/2 for p = 2 and rho^c = 1/2 for p = 1). The corrector reuses the evaluation x0(x_k, t_k) at
-the predicted point, which the next step needs anyway: NFE = N. A predictor of order p plus the
-corrector has order of accuracy p + 1. The corrector runs on every step but the last (whose
-evaluation would be an extra call).
+with rho solving sum_m rho_m r_m^j = b_j (r_p = 1 for the corrector), b_j = (j+1)! phi_{j+2}(-h) / phi_1(-h)
+for j < p (p - 1 for the predictor), except the official rho^p = 1/2 for p = 2 and rho^c = 1/2 for p = 1.
+The corrector reuses the evaluation x0(x_k, t_k) at the predicted point, which the next step needs
+anyway, so NFE = N; it runs on every step but the last (where it would cost an extra call). A
+predictor of order p plus the corrector has order of accuracy p + 1.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.processes.base import Process, as_time
 from diffusion_jax.sampling.common import SamplerOutput, track_nonfinite
-from diffusion_jax.sampling.dpm_solver import past_lambdas, phi, step_orders
+from diffusion_jax.sampling.dpm_solver import past_lambdas, phi, select_order, step_orders
 from diffusion_jax.sampling.ode import call_eps, half_lambda, state_dtype
 
 __all__ = ["unipc"]
 
 
-def _solve2(r1, r2, b0, b1):
-    """[[1, 1], [r1, r2]] rho = [b0, b1], per step."""
-    return (b0 * r2 - b1) / (r2 - r1), (b1 - b0 * r1) / (r2 - r1)
+def _vandermonde_solve(nodes, b):
+    """rho with sum_m rho_m nodes_m^j = b_j for j < p (p = len(nodes) <= 3), per step, in closed form:
+    rho_m = sum_j b_j [r^j] L_m(r) with L_m the Lagrange basis polynomial of node m."""
+    rhos = []
+    for m, r_m in enumerate(nodes):
+        poly, den = [1.0], 1.0  # coefficients of prod_{n != m} (r - r_n), lowest degree first
+        for n, r_n in enumerate(nodes):
+            if n != m:
+                poly = [(poly[k - 1] if k > 0 else 0.0) - r_n * (poly[k] if k < len(poly) else 0.0)
+                        for k in range(len(poly) + 1)]
+                den = den * (r_m - r_n)
+        rhos.append(sum(b_j * c for b_j, c in zip(b, poly)) / den)
+    return rhos
 
 
 def _coefficients(process: Process, ts, order: int, lower_order_final: bool):
@@ -39,38 +51,30 @@ def _coefficients(process: Process, ts, order: int, lower_order_final: bool):
     alpha, sigma = process.alpha(ts), process.sigma(ts)
     l0, l1, l2 = past_lambdas(lam, 2)
     h = lam[1:] - l0
-    r1, r2 = (l1 - l0) / h, (l2 - l0) / h
-    z = -h
-    phi1 = phi(1, z)
-    b = [1.0 * phi(2, z) / phi1, 2.0 * phi(3, z) / phi1, 6.0 * phi(4, z) / phi1]
-    zero, one, half = jnp.zeros_like(h), jnp.ones_like(h), jnp.full_like(h, 0.5)
+    rs = [(l1 - l0) / h, (l2 - l0) / h][:order - 1]  # r_m = (lambda_{k-1-m} - lambda_{k-1}) / h < 0
+    one, half = jnp.ones_like(h), jnp.full_like(h, 0.5)
+    phi1 = phi(1, -h)
+    b = [math.factorial(j + 1) * phi(j + 2, -h) / phi1 for j in range(order)]
 
-    def from_rhos(rho_prev, rho_now=None):
-        # -B [x0_{k-1} + sum_m rho_m (x0_{k-1-m} - x0_{k-1}) / r_m + rho_now (x0_k - x0_{k-1})] as coefficient
-        # rows on [x0_k?, x0_{k-1}, x0_{k-2}, x0_{k-3}] (x0_k only for the corrector).
-        rs = (r1, r2)
-        on_prev = [one - sum(rho / r for rho, r in zip(rho_prev, rs))]
-        on_prev += [rho / r for rho, r in zip(rho_prev, rs)]
-        on_prev += [zero] * (3 - len(on_prev))
+    def combine(rho_prev, rho_now=None):
+        # x0_{k-1} + sum_m rho_m (x0_{k-1-m} - x0_{k-1}) / r_m [+ rho_now (x0_k - x0_{k-1})] as coefficients
+        # on [x0_{k-1}, ..., x0_{k-order}], preceded by the one on x0_k for the corrector.
+        on_prev = [one - sum(rho / r for rho, r in zip(rho_prev, rs))] + [rho / r for rho, r in zip(rho_prev, rs)]
+        on_prev += [jnp.zeros_like(h)] * (order - len(on_prev))
         if rho_now is None:
-            return jnp.stack(on_prev, -1)
-        on_prev[0] = on_prev[0] - rho_now
-        return jnp.stack([rho_now] + on_prev, -1)
+            return on_prev
+        return [rho_now, on_prev[0] - rho_now] + on_prev[1:]
 
-    pred = [from_rhos([]), from_rhos([half]), from_rhos(_solve2(r1, r2, b[0], b[1]))]
-    rhos3 = jnp.linalg.solve(
-        jnp.stack([jnp.stack([one, one, one], -1), jnp.stack([r1, r2, one], -1),
-                   jnp.stack([r1 ** 2, r2 ** 2, one], -1)], -2),
-        jnp.stack(b, -1)[..., None],
-    )[..., 0]
-    corr = [from_rhos([], half), from_rhos([_solve2(r1, one, b[0], b[1])[0]], _solve2(r1, one, b[0], b[1])[1]),
-            from_rhos([rhos3[:, 0], rhos3[:, 1]], rhos3[:, 2])]
+    pred = [combine([]), combine([half]), combine(_vandermonde_solve(rs, b[:2]))][:order]
+    corr = [combine([], half)]
+    for p in range(2, order + 1):
+        rho = _vandermonde_solve(rs[:p - 1] + [one], b[:p])
+        corr.append(combine(rho[:-1], rho[-1]))
     orders = step_orders(ts.shape[0] - 1, order, lower_order_final)
-    scale = (-alpha[1:] * jnp.expm1(z))[:, None]  # -alpha_k B
-    p_sel = jnp.asarray(orders)[:, None]
-    P = scale * jnp.where(p_sel == 1, pred[0], jnp.where(p_sel == 2, pred[1], pred[2]))
-    C = scale * jnp.where(p_sel == 1, corr[0], jnp.where(p_sel == 2, corr[1], corr[2]))
-    return sigma[1:] / sigma[:-1], P[:, :order], C[:, :order + 1]
+    scale = -alpha[1:] * jnp.expm1(-h)  # -alpha_k B(h)
+    P = jnp.stack([scale * select_order(orders, [c[j] for c in pred]) for j in range(order)], -1)
+    C = jnp.stack([scale * select_order(orders, [c[j] for c in corr]) for j in range(order + 1)], -1)
+    return sigma[1:] / sigma[:-1], P, C
 
 
 def unipc(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, order: int = 2,

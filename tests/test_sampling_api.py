@@ -41,7 +41,7 @@ def test_denoise_final_adds_one_evaluation_and_lands_on_x0():
 
 
 def test_steps_for_nfe():
-    assert steps_for_nfe("ddim", 10) == 10 and steps_for_nfe("heun", 35) == 18 and steps_for_nfe("pc", 10) == 5
+    assert steps_for_nfe("ddim", 10) == 10 and steps_for_nfe("heun", 35) == 17 and steps_for_nfe("pc", 10) == 5
 
 
 def test_unknown_sampler_and_spacing():

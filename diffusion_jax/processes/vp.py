@@ -10,6 +10,7 @@ With B(t) = int_0^t beta(s) ds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -148,6 +149,13 @@ def ddpm_betas(kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: fl
     raise ValueError(f"unknown discrete beta schedule {kind!r}; expected 'linear' or 'cosine'")
 
 
+@functools.lru_cache(maxsize=16)
+def _ddpm_tables(kind: str, num_steps: int, beta_start: float, beta_end: float):
+    """(t_n, log alpha_n) for n = 0..T-1, in float64 (computed once per schedule)."""
+    log_alphas = 0.5 * np.cumsum(np.log1p(-ddpm_betas(kind, num_steps, beta_start, beta_end)))
+    return np.arange(1, num_steps + 1, dtype=np.float64) / num_steps, log_alphas
+
+
 @dataclasses.dataclass(frozen=True)
 class DiscreteDDPM(_VarPreserving):
     """A T-step DDPM schedule made continuous: t_n = (n + 1)/T for n = 0..T-1, log alpha linearly
@@ -167,9 +175,7 @@ class DiscreteDDPM(_VarPreserving):
             object.__setattr__(self, "t_min", 1.0 / self.num_steps)
 
     def _tables(self):
-        betas = ddpm_betas(self.beta_schedule, self.num_steps, self.beta_start, self.beta_end)
-        log_alphas = 0.5 * np.cumsum(np.log1p(-betas))
-        ts = np.arange(1, self.num_steps + 1, dtype=np.float64) / self.num_steps
+        ts, log_alphas = _ddpm_tables(self.beta_schedule, self.num_steps, self.beta_start, self.beta_end)
         dt = schedule_dtype()
         return jnp.asarray(ts, dt), jnp.asarray(log_alphas, dt)
 

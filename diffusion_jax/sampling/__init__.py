@@ -43,7 +43,7 @@ from diffusion_jax.sampling.unipc import unipc
 class SamplerSpec(NamedTuple):
     fn: Callable
     stochastic: bool
-    nfe_per_step: float  # evaluations per grid step (Heun: 2, last step 1; PC: 1 + corrector steps)
+    nfe_per_step: float  # evaluations per grid step with default options (Heun: 2; PC: 1 + 1 corrector step)
     default_spacing: str
     deterministic_ode: bool  # converges to the probability-flow ODE solution from the same x_T
 
@@ -113,10 +113,8 @@ def sample(name: str, eps_fn: Callable, process: Process, key, shape, *, num_ste
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
-    """The number of grid steps that spends `nfe` denoiser evaluations (Heun's last step is Euler)."""
+    """The number of grid steps that spends at most `nfe` denoiser evaluations with default options."""
     spec = get_sampler(name)
-    if name == "heun":
-        return max(1, (nfe + 1) // 2)
     return max(1, int(nfe // spec.nfe_per_step)) if spec.nfe_per_step else nfe
 
 

@@ -34,6 +34,7 @@ def step_noise(key, noise, i, shape, dtype=jnp.float32, k: int | None = None) ->
     """The Gaussian noise of step i: noise[i] if pre-drawn noise (num_steps, ...) is injected, else
     drawn from fold_in(key, i). With k, the k-th of several draws of the same step."""
     if noise is not None:
+        noise = jnp.asarray(noise)
         return noise[i] if k is None else noise[i, k]
     if key is None:
         raise ValueError("this sampler is stochastic: pass key= (or pre-drawn noise=)")

@@ -21,10 +21,14 @@ def _save(fig, path: str) -> str:
 def scatter_panels(panels: dict[str, np.ndarray], path: str, *, lim: float | None = None, title: str = "") -> str:
     """One 2-D scatter per named sample set (N, 2), side by side, on shared axes."""
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    ncol = min(n, 5)
+    nrow = int(math.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.8 * nrow), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     allpts = np.concatenate([np.asarray(v)[:, :2] for v in panels.values()])
     lim = lim or float(np.percentile(np.abs(allpts), 99.5)) * 1.1
-    for ax, (name, pts) in zip(axes[0], panels.items()):
+    for ax, (name, pts) in zip(axes.flat, panels.items()):
         pts = np.asarray(pts)
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, lw=0)
         ax.set_title(name, fontsize=8)

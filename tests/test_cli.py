@@ -1,0 +1,179 @@
+"""The command line end to end, in-process (`diffusion_jax.cli.main(argv)`) on a shrunk default
+config: train writes finite metrics, TensorBoard events, sample grids and checkpoints; sample mode
+writes a PNG and an .npz; a second train resumes and says so; eval writes the test loss; bad
+configs, an unprepared dataset and a missing checkpoint fail fast with clear messages."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from diffusion_jax import cli
+from diffusion_jax import config_validation as cv
+from diffusion_jax.data import DatasetNotPreparedError
+from diffusion_jax.reports.metrics_writer import read_scalars
+
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "configs", "default.py")
+DDPM = os.path.join(ROOT, "configs", "ddpm_cifar10.py")
+
+
+def tiny(workdir, data_dir, *extra):
+    """argv for the default config shrunk to a seconds-long run (8 host devices: batch 8)."""
+    return ["diffusion_jax", f"--config={DEFAULT}", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.data.batch_size=8",
+            "--config.model.ch=8", "--config.model.ch_mult=(1,)",
+            "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=()",
+            "--config.optim.schedule=constant", "--config.optim.warmup_steps=2",
+            "--config.train.num_steps=6", "--config.train.sample_every=3",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+            "--config.sample.num_steps=3", "--config.sample.num_samples=8",
+            "--config.sample.batch_size=8", "--config.eval.num_batches=2",
+            "--noprogress", *extra]
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    """JAX's persistent compilation cache in a temporary directory for one test: the resumed run
+    and sample mode then reuse the first run's executables (the same HLO) instead of compiling
+    again, which keeps the end-to-end test near a minute on 2 shared cores. Restored after."""
+    import jax
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    try:
+        from jax._src import compilation_cache as cc   # reset_cache: re-read the settings
+    except ImportError:                                  # pragma: no cover
+        yield None
+        return
+    jax.config.update(names[0], str(tmp_path / "jax_cache"))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    cc.reset_cache()
+    try:
+        yield tmp_path / "jax_cache"
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_train_sample_resume_eval(tmp_path, capsys, compile_cache):
+    workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
+
+    # Train 6 steps: metrics every step, sample grids at 3 and 6, checkpoints at 3 and 6.
+    out = cli.main(tiny(workdir, data_dir))
+    assert out["step"] == 6 and out["restored_step"] is None
+    assert "starting a new run" in capsys.readouterr().out
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("loss", "grad_norm", "learning_rate",
+                                                 "steps_per_sec")), r
+    assert records[0]["learning_rate"] == 0.0 and records[-1]["learning_rate"] > 0  # warm-up
+    for s in (3, 6):
+        assert os.path.getsize(os.path.join(workdir, "samples", f"step_{s:08d}.png")) > 0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    events = read_scalars(os.path.join(workdir, "tb"))
+    assert [e["step"] for e in events if e["tag"] == "train/loss"] == [1, 2, 3, 4, 5, 6]
+
+    # Sample mode without --config: the checkpoint's config, EMA parameters -> PNG + .npz. It
+    # only reads: a concurrent trainer's unfinished save (an Orbax tmp dir) is left alone.
+    busy = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1234")
+    os.makedirs(busy)
+    out = cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=sample"])
+    assert os.path.isdir(busy)
+    os.rmdir(busy)
+    assert out["step"] == 6 and os.path.getsize(out["png"]) > 0
+    with np.load(out["npz"]) as z:
+        assert z["x"].shape == (8, 16, 16, 1) and z["images"].dtype == np.uint8
+        assert np.isfinite(z["x"]).all() and int(z["step"]) == 6
+
+    # A second train with more steps resumes from step 6 and says so.
+    capsys.readouterr()
+    out = cli.main(tiny(workdir, data_dir, "--config.train.num_steps=8"))
+    assert out["restored_step"] == 6 and out["step"] == 8
+    assert "resuming from step 6" in capsys.readouterr().out
+    resumed = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    # ... exactly: an uninterrupted 8-step run (no sampling) logs the same losses.
+    straight = str(tmp_path / "straight")
+    cli.main(tiny(straight, data_dir, "--config.train.num_steps=8",
+                  "--config.train.sample_every=0", "--config.train.checkpoint_every=0"))
+    assert [r["loss"] for r in read_jsonl(os.path.join(straight, "metrics.jsonl"))] == \
+        [r["loss"] for r in resumed]
+    assert "8" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+    # A config describing another model is refused before any restore; nothing is moved aside.
+    with pytest.raises(cli.CLIError, match=r"different model.*model\.ch: 8 -> 16"):
+        cli.main(tiny(workdir, data_dir, "--config.model.ch=16", "--config.train.num_steps=9"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6", "8"]   # keep=2
+
+    # Eval: test-split loss of the raw and the EMA parameters.
+    out = cli.main(tiny(workdir, data_dir, "--mode=eval"))
+    assert out["step"] == 8 and out["num_examples"] == 16
+    assert math.isfinite(out["loss"]) and math.isfinite(out["loss_ema"])
+    rec = read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))[-1]
+    assert rec["step"] == 8 and rec["split"] == "test"
+    assert any(e["tag"] == "eval/loss" for e in read_scalars(os.path.join(workdir, "tb")))
+
+
+def test_unprepared_dataset_fails_fast(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(DatasetNotPreparedError) as e:
+        cli.main(["diffusion_jax", f"--config={DDPM}", f"--workdir={tmp_path / 'run'}",
+                  f"--config.data.data_dir={tmp_path / 'empty'}"])
+    assert "'cifar10' is not prepared" in str(e.value)
+    assert "tfds build cifar10 --file_format=array_record" in str(e.value)
+    assert time.perf_counter() - t0 < 60
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_command_line_reports_errors_without_traceback(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_jax", f"--config={DDPM}", f"--workdir={tmp_path / 'r'}",
+         f"--config.data.data_dir={tmp_path / 'empty'}"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: Dataset 'cifar10' is not prepared" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_misspelled_override_is_named_with_suggestion(tmp_path):
+    with pytest.raises(cv.ConfigError) as e:
+        cli.main(["diffusion_jax", f"--config={DEFAULT}", f"--workdir={tmp_path}",
+                  "--config.optim.lerning_rate=1e-3"])
+    assert "config.optim.lerning_rate" in str(e.value)
+    assert "did you mean 'learning_rate'" in str(e.value)
+
+
+def test_wrong_type_override_is_rejected(tmp_path):
+    with pytest.raises(cv.ConfigError, match="num_steps"):
+        cli.main(["diffusion_jax", f"--config={DEFAULT}", f"--workdir={tmp_path}",
+                  "--config.train.num_steps=many"])
+
+
+def test_sample_and_eval_need_a_checkpoint(tmp_path):
+    empty = str(tmp_path / "nothing_here")
+    for mode in ("sample", "eval"):
+        with pytest.raises(cli.CLIError, match="no checkpoint in workdir") as e:
+            cli.main(["diffusion_jax", f"--workdir={empty}", f"--mode={mode}"])
+        assert empty in str(e.value)
+    with pytest.raises(cli.CLIError, match="no checkpoint in workdir"):
+        cli.main(["diffusion_jax", f"--config={DEFAULT}", f"--workdir={empty}", "--mode=sample"])
+    with pytest.raises(cli.CLIError, match="--config is required"):
+        cli.main(["diffusion_jax", f"--workdir={empty}"])

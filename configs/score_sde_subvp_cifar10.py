@@ -14,7 +14,8 @@ DDPM++ cont. deep sub-VP 2.99 bits/dim, ODE FID 2.92.
     --config=configs/score_sde_subvp_cifar10.py       DDPM++ cont. (sub-VP), 4 blocks, 62.5M
     --config=configs/score_sde_subvp_cifar10.py:deep  DDPM++ cont. deep (sub-VP), 8 blocks, 108M
 
-Mapping: the network predicts eps and the score is -eps_hat / sigma (score_sde's sub-VP models,
+Identical to `score_sde_vp_cifar10.py` but for the process (read from that file). Mapping: the
+network predicts eps and the score is -eps_hat / sigma (score_sde's sub-VP models,
 scale_by_sigma=False), so the loss is denoising score matching with sigma^2 weighting, reduce
 'mean' ('dsm' with prediction 'eps'), t ~ U[1e-5, 1] (process t_min = 1e-5: score_sde's training
 eps); sampling stops at t = 1e-3 (its sampling eps). The time embedding sees 999 t (score_sde's
@@ -23,76 +24,20 @@ n_jitted_steps (a speed option). The stored copy of the upstream default_cifar10
 batch_size 2 with 128 commented out (a debugging edit); the paper and the other copies
 (score_sde_pytorch, forks) use 128, kept here.
 """
-from diffusion_jax.config_validation import base_config
+import importlib.util
+import os
 
-VARIANTS = ("", "deep")
+_VP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "score_sde_vp_cifar10.py")
+_spec = importlib.util.spec_from_file_location("score_sde_vp_cifar10", _VP)
+_vp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_vp)
+
+VARIANTS = _vp.VARIANTS
 
 
 def get_config(variant: str = ""):
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of score_sde_subvp_cifar10; "
-                         f"valid: {VARIANTS}")
-    deep = variant == "deep"
-    config = base_config(model_type="unet", process="subvp", objective="dsm")
-
-    data = config.data
-    data.name = "cifar10"
-    data.image_size = 32
-    data.batch_size = 128
-    data.random_flip = True
-
-    model = config.model
-    model.ch = 128                       # nf
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 8 if deep else 4
-    model.attn_resolutions = (16,)
-    model.dropout = 0.1
-    model.time_embedding = "sinusoidal"  # embedding_type 'positional'
-    model.time_scale = 999.0             # continuous VP: labels = 999 t
-    model.resblock_updown = True         # resblock_type 'biggan'
-    model.resample_with_conv = True
-    model.skip_rescale = True
-    model.scale_shift_norm = False
-
-    p = config.process.kwargs
-    p.beta_min = 0.1
-    p.beta_max = 20.0
-    p.t_min = 1e-5                       # training eps
-    p.t_max = 1.0
-
-    o = config.objective.kwargs
-    o.prediction = "eps"                 # score = -model / sigma (scale_by_sigma=False)
-    o.weighting = "sigma2"               # likelihood_weighting=False
-    o.importance_sampling = False
-    o.reduce = "mean"                    # reduce_mean=True
-
-    optim = config.optim
-    optim.learning_rate = 2e-4
-    optim.betas = (0.9, 0.999)
-    optim.eps = 1e-8
-    optim.weight_decay = 0.0
-    optim.warmup_steps = 5000
-    optim.schedule = "constant"
-    optim.grad_clip = 1.0
-
-    config.ema.decays = (0.9999,)
-
-    train = config.train
-    train.num_steps = 950_001 if deep else 1_300_001
-    train.log_every = 50
-    train.sample_every = 50_000          # snapshot_sampling at every snapshot
-    train.checkpoint_every = 50_000      # snapshot_freq (kept for evaluation)
-    train.keep = 30
-    train.seed = 42
-
-    sample = config.sample
-    sample.sampler = "euler_maruyama"    # PC: predictor euler_maruyama, corrector none
-    sample.num_steps = 1000              # num_scales
-    sample.spacing = "uniform"
-    sample.t_end = 1e-3                  # sampling eps
-    sample.denoise_final = True          # noise_removal
-    sample.num_samples = 64
-
-    config.eval.bpd = False              # eval.enable_bpd (slow; 5 repeats in the paper)
-    config.eval.bpd_repeats = 5
+        raise ValueError(f"unknown variant {variant!r} of score_sde_subvp_cifar10; valid: {VARIANTS}")
+    config = _vp.get_config(variant)
+    config.process.name = "subvp"
     return config

@@ -714,6 +714,9 @@ def _train(config, workdir: str, *, progress: bool = True) -> dict:
             save(step)
         ckpt.wait()
         bar.close()
+        if primary and os.path.exists(metrics_path):
+            from diffusion_jax.reports.plots import loss_curve
+            result["loss_curve"] = loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
         _say(f"done: step {step}, checkpoints {saved}, {time.perf_counter() - t_start:.1f}s; "
              f"metrics in {metrics_path}")
         result.update(step=step, preempted=preempted, saved_steps=saved,

@@ -87,6 +87,7 @@ def test_train_sample_resume_eval(tmp_path, capsys, compile_cache):
     for s in (3, 6):
         assert os.path.getsize(os.path.join(workdir, "samples", f"step_{s:08d}.png")) > 0
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert out["loss_curve"] == os.path.join(workdir, "loss_curve.png") and os.path.getsize(out["loss_curve"]) > 0
     events = read_scalars(os.path.join(workdir, "tb"))
     assert [e["step"] for e in events if e["tag"] == "train/loss"] == [1, 2, 3, 4, 5, 6]
 

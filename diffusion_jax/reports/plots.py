@@ -73,3 +73,31 @@ def error_vs_nfe(curves: dict[str, tuple[list, list]], path: str, *, ylabel: str
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def loss_curve(metrics_jsonl: str, path: str, *, key: str = "loss", smooth: int = 5) -> str:
+    """Plots `key` against `step` from a metrics JSONL file (raw and a running mean over `smooth` logs)."""
+    import json
+
+    steps, vals = [], []
+    with open(metrics_jsonl) as f:
+        for line in f:
+            rec = json.loads(line)
+            k = key if key in rec else f"train/{key}"
+            if k in rec and "step" in rec:
+                steps.append(rec["step"])
+                vals.append(rec[k])
+    if not steps:
+        raise ValueError(f"no {key!r} records in {metrics_jsonl}")
+    vals = np.asarray(vals, np.float64)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(steps, vals, lw=0.6, alpha=0.4, label=key)
+    if len(vals) >= smooth:
+        run = np.convolve(vals, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(steps[smooth - 1:], run, lw=1.5, label=f"mean of {smooth}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -29,7 +29,7 @@ setup(
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "bench": ["scipy>=1.11", "torch"],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.cli:run"]},

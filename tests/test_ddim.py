@@ -11,48 +11,11 @@ import numpy as np
 import pytest
 
 from diffusion_jax import processes as P
-from diffusion_jax.reference import metrics
 from diffusion_jax.reference import mixtures as M
 from diffusion_jax.sampling import ancestral, ddim, ddim_invert, sample, time_grid
 from diffusion_jax.sampling.common import step_noise
 
-N_SAMPLES = 4000
-STATS = ("sw", "weight_error", "mean_error", "cov_error")
-SLACK = {"sw": 0.02, "weight_error": 0.005, "mean_error": 0.02, "cov_error": 0.03}
-
-
-@functools.lru_cache(maxsize=None)
-def mixture(name):
-    return M.ring_mixture() if name == "ring" else M.random_mixture(0, int(name), 4)
-
-
-@functools.lru_cache(maxsize=None)
-def exact_eps(name, process):
-    return M.eps_fn(mixture(name), process)
-
-
-@jax.jit
-def _stats(gm, x, ref):
-    fit = metrics.mixture_fit(gm, x)
-    sw = metrics.sliced_wasserstein(x, ref, jax.random.PRNGKey(5), num_projections=64)
-    return {"sw": sw, **{k: fit[k] for k in STATS[1:]}}
-
-
-def stats(gm, x, ref):
-    return {k: float(v) for k, v in _stats(gm, x, ref).items()}
-
-
-_sample = jax.jit(lambda gm, key: M.sample(gm, key, N_SAMPLES)[0])
-
-
-@functools.lru_cache(maxsize=None)
-def truth(name, process, t_end):
-    """The true marginal at t_end, a reference sample set, and the Monte-Carlo level of each statistic:
-    its mean over 4 further independent true sets of the same size."""
-    gm = M.marginal(mixture(name), process, t_end)
-    ref = _sample(gm, jax.random.PRNGKey(10))
-    level = [stats(gm, _sample(gm, jax.random.PRNGKey(300 + r)), ref) for r in range(4)]
-    return gm, ref, {k: float(np.mean([lv[k] for lv in level])) for k in STATS}
+from _mixture_harness import N_SAMPLES, SLACK, STATS, exact_eps, mixture, stats, truth  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("data,eta,steps", [

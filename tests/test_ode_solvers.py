@@ -352,3 +352,19 @@ def test_stochastic_solvers_sample_the_gaussian_marginal():
         target = M.marginal(gm, p, ts[-1])
         np.testing.assert_allclose(jnp.mean(x, 0), target.means[0], atol=0.06, err_msg=fn.__name__)
         np.testing.assert_allclose(jnp.cov(x.T), target.covs[0], atol=0.06, err_msg=fn.__name__)
+
+
+def test_unipc_bh1_variant_is_third_order_and_rejects_unknown_variants():
+    """UniPC with B(h) = h ('bh1'): the same order of accuracy as bh2 on the exact Gaussian flow."""
+    from diffusion_jax.sampling.unipc import unipc as _unipc
+
+    Mx, _grid = M, time_grid
+    p = P.VPLinear()
+    g = Mx.random_mixture(seed=1, dim=3, num_components=1)
+    x = p.prior_sample(jax.random.PRNGKey(0), (64, 3))
+    exact = Mx.gaussian_flow(g, p, x, p.t_max, p.t_min)
+    run = jax.jit(lambda ts: _unipc(Mx.eps_fn(g, p), p, x, ts, variant="bh1").x)
+    errs = [float(jnp.max(jnp.abs(run(_grid(p, n, "logsnr")) - exact))) for n in (20, 40)]
+    assert np.log2(errs[0] / errs[1]) > 2.5, errs
+    with pytest.raises(ValueError, match="unknown UniPC variant 'bh3'"):
+        _unipc(Mx.eps_fn(g, p), p, x, _grid(p, 4), variant="bh3")

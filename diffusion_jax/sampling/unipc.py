@@ -1,5 +1,5 @@
-"""UniPC (Zhao et al. 2023, arXiv:2302.04867): unified predictor-corrector with B(h) = e^h - 1 ('bh2') and
-data prediction, following wl-zhao/UniPC `multistep_uni_pc_bh_update`.
+"""UniPC (Zhao et al. 2023, arXiv:2302.04867): unified predictor-corrector with B(h) = e^h - 1 ('bh2') or
+B(h) = h ('bh1') and data prediction, following wl-zhao/UniPC `multistep_uni_pc_bh_update`.
 
 In lambda = log(alpha / sigma) with h = lambda_k - lambda_{k-1}, r_m = (lambda_{k-1-m} - lambda_{k-1}) / h,
 D_m = (x0_{k-1-m} - x0_{k-1}) / r_m and, for data prediction, B = e^{-h} - 1, an update of order p is
@@ -44,7 +44,7 @@ def _vandermonde_solve(nodes, b):
     return rhos
 
 
-def _coefficients(process: Process, ts, order: int, lower_order_final: bool):
+def _coefficients(process: Process, ts, order: int, lower_order_final: bool, variant: str = "bh2"):
     """Per update k = 1..N: ratio sigma_k/sigma_{k-1}, predictor coefficients P (N, order) on
     [x0_{k-1}, x0_{k-2}, ...] and corrector coefficients C (N, order + 1) on [x0_k, x0_{k-1}, ...]."""
     lam = half_lambda(process, ts)
@@ -52,9 +52,11 @@ def _coefficients(process: Process, ts, order: int, lower_order_final: bool):
     l0, l1, l2 = past_lambdas(lam, 2)
     h = lam[1:] - l0
     rs = [(l1 - l0) / h, (l2 - l0) / h][:order - 1]  # r_m = (lambda_{k-1-m} - lambda_{k-1}) / h < 0
-    one, half = jnp.ones_like(h), jnp.full_like(h, 0.5)
-    phi1 = phi(1, -h)
-    b = [math.factorial(j + 1) * phi(j + 2, -h) / phi1 for j in range(order)]
+    half = jnp.full_like(h, 0.5)
+    # B(h) of the official code with hh = -h: 'bh1' B = hh, 'bh2' B = e^hh - 1; b_j = (j+1)! hh phi_{j+2}(hh) / B.
+    big_b = -h if variant == "bh1" else jnp.expm1(-h)
+    b = [math.factorial(j + 1) * (-h) * phi(j + 2, -h) / big_b for j in range(order)]
+    one = jnp.expm1(-h) / big_b  # the exact base term -alpha (e^-h - 1) x0_{k-1}, in units of -alpha B
 
     def combine(rho_prev, rho_now=None):
         # x0_{k-1} + sum_m rho_m (x0_{k-1-m} - x0_{k-1}) / r_m [+ rho_now (x0_k - x0_{k-1})] as coefficients
@@ -68,19 +70,21 @@ def _coefficients(process: Process, ts, order: int, lower_order_final: bool):
     pred = [combine([]), combine([half]), combine(_vandermonde_solve(rs, b[:2]))][:order]
     corr = [combine([], half)]
     for p in range(2, order + 1):
-        rho = _vandermonde_solve(rs[:p - 1] + [one], b[:p])
+        rho = _vandermonde_solve(rs[:p - 1] + [jnp.ones_like(h)], b[:p])
         corr.append(combine(rho[:-1], rho[-1]))
     orders = step_orders(ts.shape[0] - 1, order, lower_order_final)
-    scale = -alpha[1:] * jnp.expm1(-h)  # -alpha_k B(h)
+    scale = -alpha[1:] * big_b  # -alpha_k B(h)
     P = jnp.stack([scale * select_order(orders, [c[j] for c in pred]) for j in range(order)], -1)
     C = jnp.stack([scale * select_order(orders, [c[j] for c in corr]) for j in range(order + 1)], -1)
     return sigma[1:] / sigma[:-1], P, C
 
 
 def unipc(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, order: int = 2,
-          use_corrector: bool = True, lower_order_final: bool = True) -> SamplerOutput:
-    """UniPC-p (bh2, data prediction) with predictor order `order` in 1..3, deterministic, NFE = N.
+          use_corrector: bool = True, lower_order_final: bool = True, variant: str = "bh2") -> SamplerOutput:
+    """UniPC-p (data prediction) with predictor order `order` in 1..3, deterministic, NFE = N.
 
+    variant: 'bh2' (B(h) = e^h - 1, the default) or 'bh1' (B(h) = h, recommended by the authors for
+    unconditional sampling with very few steps).
     With the corrector (UniC) the accuracy order is order + 1 (UniPC-2 is third order); use_corrector=False
     gives the plain multistep UniP (order 1: DDIM). Warm-up: orders 1, 2, ... while the history fills;
     with lower_order_final and N < 10 the last steps drop to lower order (the rule of the official
@@ -89,11 +93,13 @@ def unipc(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, o
     del key, noise  # deterministic
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
     x = jnp.asarray(x, state_dtype(x))
     ts = as_time(ts)
     num_steps = ts.shape[0] - 1
     alpha, sigma = process.alpha(ts), process.sigma(ts)
-    ratio, P, C = _coefficients(process, ts, order, lower_order_final)
+    ratio, P, C = _coefficients(process, ts, order, lower_order_final, variant)
     # Scan step i corrects the update that landed on t_i (k = i; none for i = 0 or without corrector),
     # then predicts the update to t_{i+1} (k = i + 1).
     on = jnp.arange(num_steps) >= 1 if use_corrector else jnp.zeros((num_steps,), bool)

@@ -452,7 +452,8 @@ def check_checkpoint_compatible(ckpt, config, workdir: str, step: int | None = N
     if not saved:
         return
     a, b = _structure(saved), _structure(_json_config(config))
-    diffs = _config_changes(a, b)
+    from diffusion_jax.training.loop import config_diff
+    diffs = config_diff(a, b)
     if diffs:
         raise CLIError(
             f"the checkpoint in {_ckpt_dir(workdir)} was written with a different model or "
@@ -574,33 +575,13 @@ class _Progress:
             self.bar.close()
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= last_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
 def _json_config(config) -> dict:
     return json.loads(json.dumps(config.to_dict(), default=str))
 
 
 def _train(config, workdir: str, *, progress: bool = True) -> dict:
     import jax
+    from diffusion_jax.training.loop import config_diff, truncate_metrics
     import numpy as np
     from diffusion_jax import training as T
     from diffusion_jax.data import make_loader
@@ -633,11 +614,11 @@ def _train(config, workdir: str, *, progress: bool = True) -> dict:
             _say(f"resuming from step {restored.step} "
                  f"(checkpoint {os.path.join(_ckpt_dir(workdir), str(restored.step))})")
             if restored.config is not None:
-                changes = _config_changes(restored.config, _json_config(config))
+                changes = config_diff(restored.config, _json_config(config))
                 if changes:
                     _say("config differs from the checkpoint's: " + "; ".join(changes))
             if primary:
-                _truncate_jsonl(metrics_path, restored.step)
+                truncate_metrics(metrics_path, restored.step)
         else:
             _say(f"starting a new run in {workdir}")
             state = T.init_train_state(exp.init_fn, exp.mesh,

@@ -161,33 +161,14 @@ def make_pipeline(
   return it_ds
 
 
-def make_loader(
-    source: Sequence[dict],
-    *,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    random_flip: bool = False,
-    transforms: Sequence[BatchTransform] = (),
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_threads: int = 2,
-    prefetch_batches: int = 4,
-    worker_count: int = 0,
-) -> grain.DatasetIterator:
-  """``iter(make_pipeline(...))``: a checkpointable ``grain.DatasetIterator``.
+def make_loader(source: Sequence[dict], **kwargs) -> grain.DatasetIterator:
+  """``iter(make_pipeline(source, **kwargs))``: a checkpointable ``grain.DatasetIterator``.
 
-  Same arguments as ``make_pipeline``. ``it.get_state()`` /
+  Same keyword arguments as ``make_pipeline``. ``it.get_state()`` /
   ``it.set_state(state)`` save and restore the position; see the module
   docstring for Orbax.
   """
-  return iter(make_pipeline(
-      source, batch_size=batch_size, seed=seed, shuffle=shuffle,
-      num_epochs=num_epochs, random_flip=random_flip, transforms=transforms,
-      process_index=process_index, process_count=process_count,
-      num_threads=num_threads, prefetch_batches=prefetch_batches,
-      worker_count=worker_count))
+  return iter(make_pipeline(source, **kwargs))
 
 
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:

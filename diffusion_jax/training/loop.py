@@ -112,7 +112,8 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drops the JSONL records after `last_step` (so a resumed run's metrics read as one run)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -122,12 +123,13 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _config_diff(saved: Mapping, current: Mapping, prefix="") -> list[str]:
+def config_diff(saved: Mapping, current: Mapping, prefix="") -> list[str]:
+    """'a.b: old -> new' for every leaf that differs between two nested config dicts."""
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k), current.get(k)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _config_diff(a, b, f"{prefix}{k}.")
+            out += config_diff(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
@@ -196,12 +198,12 @@ def _run(cfg, num_steps, tx, schedule, opt_cfg, init_fn, abstract, rules, ckpt, 
     if restored is not None:
         state = restored.state
         if restored.config is not None:
-            diff = [d for d in _config_diff(restored.config, json.loads(json.dumps(saved_config)))
+            diff = [d for d in config_diff(restored.config, json.loads(json.dumps(saved_config)))
                     if not d.startswith("num_steps:")]
             if diff:
                 log.warning("config differs from the checkpoint's: %s", "; ".join(diff))
         if dist.is_primary():
-            _truncate_metrics(metrics_path, restored_step)
+            truncate_metrics(metrics_path, restored_step)
         log.info("resumed from %s step %d", ckpt.directory, restored_step)
     else:
         state = init_train_state(init_fn, mesh, np.asarray(jax.random.PRNGKey(cfg.seed)),

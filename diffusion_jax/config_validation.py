@@ -251,6 +251,21 @@ def _decays_check(v):
     return None if not bad else f"EMA decays must be in [0, 1), got {bad}"
 
 
+AUTOENCODER_KINDS = ("none", "diffae", "dmz")
+ENCODER_TYPES = ("semantic", "conv")
+LATENT_TYPES = ("continuous", "gaussian", "binary")
+
+
+def _z_modes_check(v):
+    from diffusion_jax.networks.unet import Z_MODES  # pylint: disable=import-outside-toplevel
+    bad = [m for m in v if m not in Z_MODES]
+    if bad:
+        return f"unknown z-conditioning modes {bad}; valid: {Z_MODES}"
+    if not v:
+        return "needs at least one mode"
+    return None
+
+
 SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "name": Field(str, "digits/16", choices=_dataset_names,
@@ -324,6 +339,60 @@ SCHEMA: dict[str, dict[str, Field]] = {
                      doc="also bits/dim through the PF-ODE (diffusion_jax.likelihood)"),
         "bpd_num_examples": Field(int, 64, check=_positive),
         "bpd_repeats": Field(int, 1, check=_positive),
+    },
+    "autoencoder": {
+        "kind": Field(str, "none", choices=AUTOENCODER_KINDS,
+                      doc="'none': a plain diffusion model; 'diffae' / 'dmz': a diffusion "
+                          "autoencoder whose decoder is config.model (a UNet)"),
+        "encoder": Field(str, None, optional=True, choices=ENCODER_TYPES,
+                         doc="'semantic' (half-UNet + pooling) | 'conv' (DMZ); None: the kind's"),
+        "latent": Field(str, None, optional=True, choices=LATENT_TYPES,
+                        doc="'continuous' | 'gaussian' | 'binary'; None: the kind's"),
+        "z_dim": Field(int, None, optional=True, check=_positive,
+                       doc="latent size (binary: number of bits); None: 512 diffae, 16 dmz"),
+        "z_conditioning": Field(tuple, None, optional=True, item=str, check=_z_modes_check,
+                                doc="subset of networks.Z_MODES; None: the kind's"),
+        "encoder_ch": Field(int, None, optional=True, check=_positive, doc="None: model.ch"),
+        "encoder_ch_mult": Field(tuple, None, optional=True, item=int,
+                                 doc="semantic encoder levels; None: model.ch_mult"),
+        "encoder_num_res_blocks": Field(int, None, optional=True, check=_positive,
+                                        doc="None: model.num_res_blocks"),
+        "encoder_attn_resolutions": Field(tuple, None, optional=True, item=int,
+                                          doc="None: model.attn_resolutions"),
+        "norm": Field(str, "batch", choices=("batch", "group"), doc="conv encoder's norm"),
+        "kl_weight": Field(float, 0.0, check=_non_negative, doc="gaussian latents' KL weight"),
+        "tau": Field(float, 1.0, check=_positive, doc="Gumbel-softmax temperature"),
+        "prior": Field(str, "bernoulli", choices=("bernoulli", "empirical"),
+                       doc="binary latents for generation: Bernoulli(0.5) or per-bit frequencies"),
+    },
+    "latent_sampler": {
+        "num_steps": Field(int, 0, check=_non_negative,
+                           doc="train steps of DiffAE's latent DDIM after the autoencoder; 0: off"),
+        "num_layers": Field(int, 10, check=_positive),
+        "hidden": Field(int, 2048, check=_positive),
+        "batch_size": Field(int, 512, check=_positive),
+        "learning_rate": Field(float, 1e-4, check=_positive),
+        "loss": Field(str, "l1", choices=("l1", "l2")),
+        "sample_steps": Field(int, 50, check=_positive),
+    },
+    "readout": {
+        "timesteps": Field(tuple, (0.02, 0.1, 0.3), item=float,
+                           doc="noise levels t of the (t, block) feature sweep"),
+        "blocks": Field(tuple, (), item=str, doc="sown block names; (): every block"),
+        "num_train": Field(int, 0, check=_non_negative, doc="probe train examples; 0: all"),
+        "num_test": Field(int, 0, check=_non_negative, doc="probe test examples; 0: all"),
+        "knn_k": Field(int, 20, check=_positive),
+    },
+    "report": {
+        "enabled": Field(bool, True, doc="write report.md/html (samples, reconstructions, "
+                                         "interpolations, loss, probes) after training"),
+        "num_reconstructions": Field(int, 16, check=_positive),
+        "num_interpolations": Field(int, 4, check=_positive),
+        "interpolation_points": Field(int, 8, check=_positive),
+        "inversion_steps": Field(int, 50, check=_positive, doc="DDIM steps of x0 -> x_T"),
+        "fixed_point_iters": Field(int, 2, check=_non_negative,
+                                   doc="refinements per DDIM-inversion step"),
+        "probe": Field(bool, True, doc="the probe table (raw pixels, PCA, readouts, latents)"),
     },
     "distributed": {
         "coordinator_address": Field(str, None, optional=True),

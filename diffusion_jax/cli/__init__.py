@@ -1,0 +1,193 @@
+"""The command line: train, sample from and evaluate a diffusion model described by a config file.
+
+    python -m diffusion_jax --config=configs/default.py --workdir=runs/digits            # train
+    python -m diffusion_jax --config=configs/default.py --workdir=runs/digits \\
+        --config.train.num_steps=6000 --config.optim.learning_rate=5e-4              # overrides
+    python -m diffusion_jax --workdir=runs/digits --mode=sample                       # samples
+    python -m diffusion_jax --workdir=runs/digits --mode=eval                         # test loss
+    diffusion-jax ...                                          # the same, as a console script
+
+`--config` is an ml-collections config file (`configs/*.py`, `path.py:variant` passes a variant
+to `get_config`); every field can be overridden with `--config.<section>.<field>=<value>`
+(tuples as strings: `--config.model.ch_mult='(1, 2)'`). The config is validated on load
+(`diffusion_jax.config_validation`): a misspelled field is named with the closest valid name.
+In sample / eval mode `--config` may be left out: the config saved with the checkpoint is used.
+
+workdir layout:
+
+    checkpoints/<step>/   Orbax checkpoints (state, EMA, optimiser, data position, config)
+    metrics.jsonl         one JSON object per logged train step (loss, grad_norm, lr, ...)
+    eval_metrics.jsonl    one JSON object per --mode=eval run
+    tb/                   TensorBoard event files (train/*, eval/*)
+    samples/              step_<N>.png grids written during training; samples_step<N>.png/.npz
+
+Training resumes from the newest complete checkpoint in workdir (and says "resuming from step
+N"); it is exact (state, data position and the per-step noise). SIGTERM saves and stops. A config
+whose model / EMA / optimiser structure differs from the checkpoint's is refused before any
+restore. Sample and eval only read the checkpoints (Orbax read-only), so they can run while a
+training job writes to the same workdir.
+
+The train loop is composed from `diffusion_jax.training`'s public pieces (mesh, sharded state
+init, AOT-compiled train step, Checkpointer, PreemptionHandler) rather than `training.train`,
+because it samples from the EMA parameters every `train.sample_every` steps, which needs the
+state mid-run (`train`'s `on_metrics` callback receives only the metrics).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_jax import config_validation as cv
+from diffusion_jax.cli.experiment import CLIError, maybe_initialize_distributed, saved_config
+
+MODES = ("train", "sample", "eval")
+
+__all__ = ["main", "run", "define_flags", "execute", "CLIError", "MODES"]
+
+
+# ---------------------------------------------------------------------------------- flags
+def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+    """Defines --config (+ its --config.* overrides), --workdir, --mode, --step, --progress.
+    `argv`: the arguments the overrides are read from (config_flags' `sys_argv`; None: sys.argv)."""
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (configs/*.py, or path.py:variant); fields "
+        "are overridden with --config.<section>.<field>=<value>", flag_values=flag_values,
+        lock_config=False, sys_argv=None if argv is None else list(argv))
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples",
+                        flag_values=flag_values)
+    flags.DEFINE_enum("mode", "train", MODES, "train | sample | eval", flag_values=flag_values)
+    flags.DEFINE_integer("step", None, "sample / eval: checkpoint step (default: the newest)",
+                         flag_values=flag_values)
+    flags.DEFINE_boolean("progress", True, "show a progress bar while training",
+                         flag_values=flag_values)
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _override_paths(argv: Sequence[str]) -> list[str]:
+    out = []
+    for a in argv:
+        if a.startswith("--config.") or a.startswith("--noconfig."):
+            name = a.split("=", 1)[0]
+            out.append(name[len("--config."):] if name.startswith("--config.")
+                       else name[len("--noconfig."):])
+    return out
+
+
+def precheck_argv(argv: Sequence[str]) -> None:
+    """Loads the config file once before flag parsing so that a bad file or an unknown override
+    field fails with a ConfigError naming it (config_flags would raise a bare AttributeError)."""
+    spec = _config_arg(argv)
+    paths = _override_paths(argv)
+    if spec is None:
+        if paths:
+            raise cv.ConfigError(f"--config.{paths[0]} overrides a field, but no --config file "
+                                 f"was given")
+        return
+    config = cv.load_file(spec)
+    cv.check_override_paths(config, paths)
+
+
+def _parse(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
+    precheck_argv(argv)
+    try:
+        return flag_values(list(argv))
+    except flags.Error as e:
+        raise cv.ConfigError(str(e)) from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise cv.ConfigError(f"bad --config override: {e}") from None
+
+
+def main(argv: Sequence[str]) -> dict:
+    """In-process entry point: `main(['prog', '--config=...', '--workdir=...', ...])`.
+
+    Parses `argv` into a fresh flag set (so it can be called repeatedly), runs the mode and
+    returns a summary dict; errors raise (ConfigError, CLIError, DatasetNotPreparedError, ...).
+    """
+    fv = flags.FlagValues()
+    define_flags(fv, argv)
+    rest = _parse(argv, fv)
+    if len(rest) > 1:
+        raise CLIError(f"unexpected arguments {rest[1:]}")
+    return execute(fv.config, fv.workdir, fv.mode, step=fv.step, progress=fv.progress)
+
+
+def _user_errors() -> tuple[type, ...]:
+    from diffusion_jax.data import DatasetNotPreparedError, UnknownDatasetError
+    from diffusion_jax.training import CheckpointRestoreError
+    return (cv.ConfigError, CLIError, DatasetNotPreparedError, UnknownDatasetError,
+            CheckpointRestoreError)
+
+
+def _parse_global(argv):
+    try:
+        return _parse(argv, flags.FLAGS)
+    except cv.ConfigError as e:
+        sys.stderr.write(f"error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(2)
+
+
+def _app_main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    if "verbosity" in f and not f["verbosity"].present:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax is chatty at INFO
+    try:
+        execute(f.config, f.workdir, f.mode, step=f.step, progress=f.progress)
+    except _user_errors() as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console-script / `python -m diffusion_jax` entry point (absl `app.run`): user errors are
+    printed without a traceback and exit with status 1 (2 for flag errors). --help lists the
+    flags; --verbosity=0 shows INFO logs (Orbax's included; default WARNING)."""
+    if "config" not in flags.FLAGS:
+        define_flags(flags.FLAGS, argv)
+        main_module = (argv or sys.argv)[0]         # --help / --helpshort list the main module's
+        for name in ("config", "workdir", "mode", "step", "progress"):
+            flags.FLAGS.register_key_flag_for_module(main_module, flags.FLAGS[name])
+    app.run(_app_main, argv=list(argv) if argv is not None else None,
+            flags_parser=_parse_global)
+
+
+# ----------------------------------------------------------------------------- execution
+def execute(config, workdir: str | None, mode: str = "train", *, step: int | None = None,
+            progress: bool = True) -> dict:
+    """Runs `mode` for `config` (a ConfigDict, validated here; None in sample/eval mode: the
+    checkpoint's config) in `workdir`."""
+    if mode not in MODES:
+        raise CLIError(f"unknown --mode {mode!r}; valid: {', '.join(MODES)}")
+    if not workdir:
+        raise CLIError("--workdir is required")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if config is None:
+        if mode == "train":
+            raise CLIError("--config is required for training (e.g. --config=configs/default.py)")
+        config = saved_config(workdir)
+    cv.validate(config)
+    maybe_initialize_distributed(config)
+    if mode == "train":
+        from diffusion_jax.cli.train import run_train
+        return run_train(config, workdir, progress=progress)
+    if mode == "sample":
+        from diffusion_jax.cli.sample import run_sample
+        return run_sample(config, workdir, step)
+    from diffusion_jax.cli.evaluate import run_eval
+    return run_eval(config, workdir, step)
+
+

@@ -1,0 +1,50 @@
+"""`--mode=sample`: samples from a checkpoint to PNG + NPZ."""
+from __future__ import annotations
+
+import os
+import time
+
+from diffusion_jax.cli.experiment import (
+    CLIError, has_checkpoints, missing_checkpoint, say, build_experiment, make_eps_fn,
+    sampling_params, generate, restore_checkpoint)
+
+
+def run_sample(config, workdir: str, step: int | None) -> dict:
+    import jax
+    import numpy as np
+    from diffusion_jax.data import dataset_info
+    from diffusion_jax.reports import image_grid
+
+    if not has_checkpoints(workdir):
+        raise missing_checkpoint(workdir)
+    info = dataset_info(config.data.name, data_dir=config.data.data_dir,
+                        image_size=config.data.image_size)
+    exp = build_experiment(config, tuple(info.image_shape))
+    ckpt_step, state = restore_checkpoint(exp, workdir, step)
+    s = config.sample
+    say(f"sampling {s.num_samples} images with {s.sampler!r} ({s.num_steps} steps) from "
+         f"checkpoint step {ckpt_step} ({'EMA' if s.use_ema and config.ema.decays else 'raw'}"
+         f" parameters)")
+    t0 = time.perf_counter()
+    try:
+        x, labels = generate(exp, make_eps_fn(exp), sampling_params(exp, state),
+                              int(s.num_samples), int(s.seed))
+    except FloatingPointError as e:
+        raise CLIError(f"sampling from checkpoint step {ckpt_step} failed: {e}") from None
+    seconds = time.perf_counter() - t0
+    out_dir = os.path.join(workdir, "samples")
+    png = os.path.join(out_dir, f"samples_step{ckpt_step}.png")
+    npz = os.path.join(out_dir, f"samples_step{ckpt_step}.npz")
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        image_grid(x[:256], png)
+        uint8 = np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        arrays = {"x": x, "images": uint8, "step": np.int64(ckpt_step)}
+        if labels is not None:
+            arrays["labels"] = labels
+        np.savez_compressed(npz, **arrays)
+        say(f"wrote {png} and {npz} ({seconds:.1f}s)")
+    return {"mode": "sample", "step": ckpt_step, "png": png, "npz": npz,
+            "num_samples": int(x.shape[0]), "seconds": seconds}
+
+

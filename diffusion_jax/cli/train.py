@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 
@@ -13,6 +14,30 @@ from diffusion_jax.cli.experiment import (
 
 
 # --------------------------------------------------------------------------------- train
+def _install_stop_handler():
+    """Installs and returns the train loop's signal handler (see StopHandler)."""
+    from diffusion_jax.training import PreemptionHandler
+
+    class StopHandler(PreemptionHandler):
+        """SIGTERM or a first Ctrl-C: checkpoint after the current step and stop (the next run
+        resumes). A second Ctrl-C quits at once (the last periodic checkpoint stays)."""
+
+        def __init__(self):
+            super().__init__(signals=(signal.SIGTERM, signal.SIGINT))
+
+        def _handle(self, signum, frame):
+            if signum == signal.SIGINT and self.requested:
+                self.uninstall()
+                raise KeyboardInterrupt
+            super()._handle(signum, frame)
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: saving a checkpoint after this step, then stopping (run the same "
+                      "command again to resume; Ctrl-C again to quit without saving)",
+                      file=sys.stderr, flush=True)
+
+    return StopHandler().install()
+
+
 class _Progress:
     """tqdm bar on a terminal; one plain line per logged step otherwise."""
 
@@ -69,7 +94,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
     batches = Batches(loader, exp.num_classes is not None)
     tc = config.train
     ckpt = T.Checkpointer(ckpt_dir(workdir), max_to_keep=tc.keep)
-    handler = T.PreemptionHandler().install()
+    handler = _install_stop_handler()
     writer = None
     bar = None
     try:

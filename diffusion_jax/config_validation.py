@@ -6,8 +6,9 @@ one with every field at its default; the files in `configs/` start from it):
     data         name, image_size, batch_size, random_flip, data_dir
     model        type 'unet' | 'dit' and that network's fields (`UNET_FIELDS` / `DIT_FIELDS`)
     process      name (`diffusion_jax.processes.PROCESSES`) and kwargs (the process' fields)
-    objective    name (`OBJECTIVES`: 'eps' 'x0' 'v' 'dsm' 'edm') and kwargs (the factory's
-                 options), label_dropout (classifier-free guidance training)
+    objective    name (`OBJECTIVES`: 'eps' 'x0' 'v' 'dsm' 'edm' 'hybrid') and kwargs (the
+                 factory's options), label_dropout (classifier-free guidance training); 'hybrid'
+                 (improved DDPM, learned variance) doubles the network's output channels
     optim        AdamW: learning_rate, betas, eps, weight_decay, warmup_steps, schedule
                  'constant' | 'cosine', end_lr_factor, grad_clip (0 = off), grad_accum
     ema          decays (tuple), warmup (bool), halflife_mimg (EDM-style: derives the decay)
@@ -18,6 +19,11 @@ one with every field at its default; the files in `configs/` start from it):
                  kwargs (the sampler's options, e.g. snr for 'pc')
     eval         split, batch_size, num_batches, bpd, bpd_num_examples, bpd_repeats
     distributed  coordinator_address, num_processes, process_id (None: single process)
+    autoencoder  kind 'none' | 'diffae' | 'dmz' and the design axes: encoder, latent, z_dim,
+                 z_conditioning, encoder sizes, norm, kl_weight, tau, prior (None: the kind's)
+    latent_sampler  DiffAE's latent DDIM (num_steps 0: off), trained after the autoencoder
+    readout      timesteps and blocks of the (t, block) feature sweep, probe sizes, k of k-NN
+    report       what the report after training holds (reconstructions, interpolations, probes)
 
 `validate(config)` checks it against the schema and then LOCKS it (no new fields; values may still
 be assigned with their type):
@@ -185,6 +191,8 @@ _DENOISING_KW = {
     "discrete": Field(bool, None, optional=True,
                       doc="integer DDPM timesteps (default: iff the process is 'ddpm')"),
     "reduce": _REDUCE,
+    "input_perturbation": Field(float, 0.0, check=_non_negative,
+                                doc="DDPM-IP's gamma: x_t = alpha x0 + sigma (eps + gamma xi)"),
 }
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "eps": ObjectiveSpec("epsilon_loss", "eps", _DENOISING_KW),
@@ -196,6 +204,18 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         "prediction": Field(str, "score", choices=("score", "eps")),
         "time_sampling": Field(str, "uniform"),
         "discrete": Field(bool, None, optional=True),
+        "reduce": _REDUCE,
+    }),
+    "hybrid": ObjectiveSpec("hybrid_loss", "eps", {
+        "vb_weight": Field(float, 0.001, check=_non_negative,
+                           doc="lambda of L_simple + lambda L_vb (improved DDPM)"),
+        "num_timesteps": Field(int, None, optional=True, check=_positive,
+                               doc="None: the DDPM process' T"),
+        "input_perturbation": Field(float, 0.0, check=_non_negative, doc="DDPM-IP's gamma"),
+        "time_sampling": Field(str, "uniform", choices=("uniform", "loss_aware"),
+                               doc="'loss_aware': improved DDPM's loss-second-moment sampler"),
+        "history_per_bucket": Field(int, 10, check=_positive),
+        "uniform_prob": Field(float, 0.001, check=_unit),
         "reduce": _REDUCE,
     }),
     "edm": ObjectiveSpec("edm_loss", "edm", {
@@ -268,7 +288,7 @@ def _z_modes_check(v):
 
 SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
-        "name": Field(str, "digits/16", choices=_dataset_names,
+        "name": Field(str, "digits/16",
                       doc="diffusion_jax.data.known_datasets(); also folder:<path>, tfds:<name>"),
         "image_size": Field(int, None, optional=True, check=_positive,
                             doc="centre-crop + resize to this size; None: the stored size"),
@@ -393,6 +413,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "fixed_point_iters": Field(int, 2, check=_non_negative,
                                    doc="refinements per DDIM-inversion step"),
         "probe": Field(bool, True, doc="the probe table (raw pixels, PCA, readouts, latents)"),
+        "manipulate_target": Field(int, 1, check=_non_negative,
+                                   doc="--mode=manipulate: the label to move images towards"),
+        "manipulate_scales": Field(tuple, (0.0, 0.3, 0.6, 0.9), item=float,
+                                   doc="s of z + s sqrt(D) w / ||w|| (DiffAE: 0.3)"),
     },
     "distributed": {
         "coordinator_address": Field(str, None, optional=True),
@@ -609,20 +633,20 @@ def _check_kwargs(config, section: str, fields: Mapping[str, Field], owner: str)
             _set(kw, name, value)
 
 
-def _kwargs_dict(kw) -> dict:
+def kwargs_dict(kw) -> dict:
     return {k: kw[k] for k in kw.keys() if kw[k] is not None}
 
 
 def build_process(config):
     """The process of `config.process` (after validation)."""
     from diffusion_jax.processes import get_process  # pylint: disable=import-outside-toplevel
-    return get_process(config.process.name, **_kwargs_dict(config.process.kwargs))
+    return get_process(config.process.name, **kwargs_dict(config.process.kwargs))
 
 
 def build_objective(config, process, apply_fn, *, train: bool = True):
     """`loss_fn(params, batch, rng)` of `config.objective` for the network `apply_fn`."""
     spec = OBJECTIVES[config.objective.name]
-    kwargs = _kwargs_dict(config.objective.kwargs)
+    kwargs = kwargs_dict(config.objective.kwargs)
     if spec.takes_process:
         return spec.get_factory()(process, apply_fn, train=train, **kwargs)
     return spec.get_factory()(apply_fn, train=train, **kwargs)
@@ -664,6 +688,22 @@ def _check_cross(config):
     if config.sample.guidance_scale != 1.0 and config.model.num_classes is None:
         raise ConfigError("config.sample.guidance_scale != 1 needs a class-conditional model "
                           "(config.model.num_classes)")
+    ae = config.autoencoder
+    if ae.kind != "none":
+        if mt != "unet":
+            raise ConfigError(f"config.autoencoder.kind={ae.kind!r} needs a UNet decoder "
+                              f"(config.model.type='unet'), got {mt!r}")
+        if config.model.num_classes is not None:
+            raise ConfigError("config.autoencoder: class-conditional decoders are not supported; "
+                              "leave config.model.num_classes unset")
+        size = config.data.image_size
+        encoder = ae.encoder or ("semantic" if ae.kind == "diffae" else "conv")
+        if encoder == "conv" and size is not None and (size < 4 or size & (size - 1)):
+            raise ConfigError(f"config.autoencoder.encoder='conv' halves the image down to 2x2: "
+                              f"data.image_size must be a power of two >= 4, got {size}")
+    elif config.latent_sampler.num_steps:
+        raise ConfigError("config.latent_sampler.num_steps > 0 needs a diffusion autoencoder "
+                          "(config.autoencoder.kind 'diffae' or 'dmz')")
     d = config.distributed
     if d.num_processes is not None and d.num_processes > 1 and d.coordinator_address is None:
         raise ConfigError("config.distributed.num_processes > 1 needs "

@@ -1,17 +1,29 @@
-"""The command line: train, sample from and evaluate a diffusion model described by a config file.
+"""The command line: train, sample from, evaluate and probe a diffusion model (or a diffusion
+autoencoder) described by a config file.
 
-    python -m diffusion_jax --config=configs/default.py --workdir=runs/digits            # train
+    python -m diffusion_jax --config=configs/default.py --workdir=runs/digits   # train + report
     python -m diffusion_jax --config=configs/default.py --workdir=runs/digits \\
-        --config.train.num_steps=6000 --config.optim.learning_rate=5e-4              # overrides
-    python -m diffusion_jax --workdir=runs/digits --mode=sample                       # samples
-    python -m diffusion_jax --workdir=runs/digits --mode=eval                         # test loss
-    diffusion-jax ...                                          # the same, as a console script
+        --config.train.num_steps=6000 --config.optim.learning_rate=5e-4     # overrides
+    python -m diffusion_jax --workdir=runs/digits --mode=sample              # samples
+    python -m diffusion_jax --workdir=runs/digits --mode=eval                # test loss
+    python -m diffusion_jax --workdir=runs/digits --mode=report              # report.md / .html
+    python -m diffusion_jax --workdir=runs/digits --mode=probe               # probe table
+    python -m diffusion_jax --workdir=runs/digits --mode=encode              # latents (.npz)
+    ... --mode=reconstruct | interpolate | manipulate                       # autoencoders
+    diffusion-jax ...                                 # the same, as a console script
+
+    module         modes
+    train.py       train (then report.py unless config.report.enabled is False)
+    sample.py      sample            evaluate.py   eval
+    report.py      report            probe.py      probe
+    autoencoder.py encode, reconstruct, interpolate, manipulate
+    experiment.py  what they share: network / process / objective / state built from the config
 
 `--config` is an ml-collections config file (`configs/*.py`, `path.py:variant` passes a variant
 to `get_config`); every field can be overridden with `--config.<section>.<field>=<value>`
 (tuples as strings: `--config.model.ch_mult='(1, 2)'`). The config is validated on load
 (`diffusion_jax.config_validation`): a misspelled field is named with the closest valid name.
-In sample / eval mode `--config` may be left out: the config saved with the checkpoint is used.
+In every mode but train `--config` may be left out: the config saved with the checkpoint is used.
 
 workdir layout:
 
@@ -20,9 +32,12 @@ workdir layout:
     eval_metrics.jsonl    one JSON object per --mode=eval run
     tb/                   TensorBoard event files (train/*, eval/*)
     samples/              step_<N>.png grids written during training; samples_step<N>.png/.npz
+    report.md/.html/.json the report (report/ holds its images); probe/, latents/,
+                          reconstructions/, interpolations/, manipulations/: the other modes
 
 Training resumes from the newest complete checkpoint in workdir (and says "resuming from step
-N"); it is exact (state, data position and the per-step noise). SIGTERM saves and stops. A config
+N"); it is exact (state, data position and the per-step noise). SIGTERM or Ctrl-C saves and
+stops (a second Ctrl-C quits at once). A config
 whose model / EMA / optimiser structure differs from the checkpoint's is refused before any
 restore. Sample and eval only read the checkpoints (Orbax read-only), so they can run while a
 training job writes to the same workdir.
@@ -44,7 +59,8 @@ from ml_collections import config_flags
 from diffusion_jax import config_validation as cv
 from diffusion_jax.cli.experiment import CLIError, maybe_initialize_distributed, saved_config
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "report", "probe", "encode", "reconstruct", "interpolate",
+         "manipulate")
 
 __all__ = ["main", "run", "define_flags", "execute", "CLIError", "MODES"]
 
@@ -59,7 +75,7 @@ def define_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = Non
         lock_config=False, sys_argv=None if argv is None else list(argv))
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and samples",
                         flag_values=flag_values)
-    flags.DEFINE_enum("mode", "train", MODES, "train | sample | eval", flag_values=flag_values)
+    flags.DEFINE_enum("mode", "train", MODES, " | ".join(MODES), flag_values=flag_values)
     flags.DEFINE_integer("step", None, "sample / eval: checkpoint step (default: the newest)",
                          flag_values=flag_values)
     flags.DEFINE_boolean("progress", True, "show a progress bar while training",
@@ -183,11 +199,26 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
     maybe_initialize_distributed(config)
     if mode == "train":
         from diffusion_jax.cli.train import run_train
-        return run_train(config, workdir, progress=progress)
+        result = run_train(config, workdir, progress=progress)
+        if config.report.enabled and not result.get("preempted"):
+            from diffusion_jax.cli.report import run_report
+            result["report"] = run_report(config, workdir)
+        return result
     if mode == "sample":
         from diffusion_jax.cli.sample import run_sample
         return run_sample(config, workdir, step)
-    from diffusion_jax.cli.evaluate import run_eval
-    return run_eval(config, workdir, step)
+    if mode == "eval":
+        from diffusion_jax.cli.evaluate import run_eval
+        return run_eval(config, workdir, step)
+    if mode == "report":
+        from diffusion_jax.cli.report import run_report
+        return run_report(config, workdir, step)
+    if mode == "probe":
+        from diffusion_jax.cli.probe import run_probe
+        return run_probe(config, workdir, step)
+    from diffusion_jax.cli import autoencoder as ae
+    return {"encode": ae.run_encode, "reconstruct": ae.run_reconstruct,
+            "interpolate": ae.run_interpolate, "manipulate": ae.run_manipulate}[mode](
+                config, workdir, step)
 
 

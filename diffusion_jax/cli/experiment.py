@@ -59,6 +59,13 @@ def say(msg: str) -> None:
 # ------------------------------------------------------------------------- building parts
 @dataclasses.dataclass
 class Experiment:
+    """Everything a mode needs, built from the config (no parameters: those come from the state).
+
+    module: the network (a UNet / DiT, or a `DiffusionAutoencoder` when config.autoencoder.kind is
+    'diffae' / 'dmz'); apply_fn: the library's network signature (for an autoencoder: its decoder,
+    cond={'z': z}); loss_fn: the objective (a stateful 4-argument loss when stateful);
+    init_model_state_fn: TrainState.model_state's initialiser (None: no state).
+    """
     config: Any
     module: Any
     apply_fn: Any
@@ -73,19 +80,72 @@ class Experiment:
     opt_cfg: Any
     init_fn: Any
     abstract: Any
+    loss_fn: Any = None
+    stateful: bool = False
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.config.autoencoder.kind != "none"
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.config.objective.name == "hybrid"
 
 
-def build_network(config):
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def autoencoder_choices(config) -> dict:
+    """The autoencoder's design with the kind's defaults filled in (DiffAE / DMZ papers)."""
+    ae = config.autoencoder
+    diffae = ae.kind == "diffae"
+    m = config.model
+    return {
+        "encoder": ae.encoder or ("semantic" if diffae else "conv"),
+        "latent": ae.latent or ("continuous" if diffae else "binary"),
+        "z_dim": ae.z_dim or (512 if diffae else 16),
+        "z_conditioning": tuple(ae.z_conditioning or (("adagn_scale",) if diffae
+                                                      else ("cross_attn",))),
+        "encoder_ch": ae.encoder_ch or (m.ch if diffae else 32),
+        "encoder_ch_mult": tuple(ae.encoder_ch_mult or m.ch_mult),
+        "encoder_num_res_blocks": ae.encoder_num_res_blocks or m.num_res_blocks,
+        "encoder_attn_resolutions": tuple(ae.encoder_attn_resolutions
+                                          if ae.encoder_attn_resolutions is not None
+                                          else m.attn_resolutions),
+    }
+
+
+def build_network(config, image_shape=None):
+    """The Flax module of `config.model` (+ `config.autoencoder`). A 'hybrid' objective (learned
+    variance) doubles the output channels, which needs `image_shape`."""
     import jax.numpy as jnp
     from diffusion_jax.networks import DiT, UNet
     m = config.model
-    fields = {k: m[k] for k in cv.MODEL_FIELDS[m.type]}
-    for k, v in fields.items():
-        if isinstance(v, list):
-            fields[k] = tuple(v)
+    fields = _tuples({k: m[k] for k in cv.MODEL_FIELDS[m.type]})
     dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
-    cls = UNet if m.type == "unet" else DiT
-    return cls(**fields, dtype=dtype)
+    if config.objective.name == "hybrid":
+        if m.type != "unet":
+            raise CLIError("the 'hybrid' objective (learned variance) needs a UNet")
+        if image_shape is None:
+            raise ValueError("build_network: a learned-variance network needs image_shape")
+        fields["out_channels"] = 2 * int(image_shape[-1])
+    if config.autoencoder.kind == "none":
+        cls = UNet if m.type == "unet" else DiT
+        return cls(**fields, dtype=dtype)
+    from diffusion_jax.autoencoders import ENCODERS, DiffusionAutoencoder
+    ch = autoencoder_choices(config)
+    ae = config.autoencoder
+    if ch["encoder"] == "semantic":
+        enc_opts = dict(ch=ch["encoder_ch"], ch_mult=ch["encoder_ch_mult"],
+                        num_res_blocks=ch["encoder_num_res_blocks"],
+                        attn_resolutions=ch["encoder_attn_resolutions"], dropout=m.dropout)
+    else:
+        enc_opts = dict(ch=ch["encoder_ch"], norm=ae.norm)
+    encoder = ENCODERS[ch["encoder"]](latent=ch["latent"], z_dim=ch["z_dim"], tau=ae.tau,
+                                      dtype=dtype, **enc_opts)
+    decoder = UNet(**fields, z_conditioning=ch["z_conditioning"], dtype=dtype)
+    return DiffusionAutoencoder(encoder=encoder, decoder=decoder)
 
 
 def example_cond(num_classes):
@@ -93,21 +153,55 @@ def example_cond(num_classes):
     return None if num_classes is None else {"label": jnp.zeros((1,), jnp.int32)}
 
 
+def _objective(config, process, apply_fn, module, *, train: bool = True):
+    """(loss_fn, stateful, init_model_state(variables) -> model_state or None)."""
+    if config.autoencoder.kind == "none":
+        loss = cv.build_objective(config, process, apply_fn, train=train)
+        stateful = bool(getattr(loss, "stateful", False))
+        init = (lambda variables: loss.init_state()) if stateful else None
+        return loss, stateful, init
+    from diffusion_jax.autoencoders import autoencoder_loss, init_model_state
+    spec = cv.OBJECTIVES[config.objective.name]
+    if not spec.takes_process:
+        raise CLIError(f"objective {config.objective.name!r} cannot train an autoencoder")
+    kwargs = {k: v for k, v in cv.kwargs_dict(config.objective.kwargs).items()}
+    loss = autoencoder_loss(module, process, spec.get_factory(),
+                            kl_weight=config.autoencoder.kl_weight, train=train, **kwargs)
+    return loss, True, (lambda variables: init_model_state(module, variables, loss))
+
+
 def build_experiment(config, image_shape) -> Experiment:
     import jax.numpy as jnp
     from diffusion_jax import training as T
     from diffusion_jax.networks import make_apply_fn
 
-    module = build_network(config)
-    apply_fn = make_apply_fn(module)
+    module = build_network(config, image_shape)
     process = cv.build_process(config)
     num_classes = config.model.num_classes
     h, w, c = image_shape
     cond0 = example_cond(num_classes)
+    if config.autoencoder.kind != "none":
+        from diffusion_jax.autoencoders import decoder_apply_fn
+        apply_fn = decoder_apply_fn(module)
+
+        def init_variables(key):
+            x0 = jnp.zeros((1, h, w, c), jnp.float32)
+            return module.init({"params": key}, x0, jnp.zeros((1,), jnp.float32), x0, train=False)
+    else:
+        apply_fn = make_apply_fn(module)
+
+        def init_variables(key):
+            x0 = jnp.zeros((1, h, w, c), jnp.float32)
+            return module.init(key, x0, jnp.zeros((1,), jnp.float32), cond0)
+
+    loss_fn, stateful, init_state = _objective(config, process, apply_fn, module)
 
     def init_params_fn(key):
-        x0 = jnp.zeros((1, h, w, c), jnp.float32)
-        return module.init(key, x0, jnp.zeros((1,), jnp.float32), cond0)["params"]
+        return init_variables(key)["params"]
+
+    def init_model_state_fn(key):
+        import flax.linen as nn
+        return init_state(nn.unbox(init_variables(key)))
 
     o = config.optim
     opt_cfg = T.OptimizerConfig(
@@ -118,14 +212,15 @@ def build_experiment(config, image_shape) -> Experiment:
         end_lr_factor=o.end_lr_factor, grad_clip_norm=o.grad_clip or None,
         grad_accum_steps=o.grad_accum)
     tx, schedule = T.make_optimizer(opt_cfg)
-    init_fn = T.make_init_fn(init_params_fn, tx, tuple(config.ema.decays))
+    init_fn = T.make_init_fn(init_params_fn, tx, tuple(config.ema.decays),
+                             init_model_state_fn=init_model_state_fn if stateful else None)
     mesh = T.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = (tuple(tuple(r) for r in config.mesh.logical_axis_rules)
              if config.mesh.logical_axis_rules else T.DEFAULT_LOGICAL_AXIS_RULES)
     abstract, _ = T.state_shardings(init_fn, mesh, rules)
     return Experiment(config, module, apply_fn, process, cv.objective_prediction(config.objective),
-                       tuple(image_shape), num_classes, mesh, rules, tx, schedule, opt_cfg,
-                       init_fn, abstract)
+                      tuple(image_shape), num_classes, mesh, rules, tx, schedule, opt_cfg,
+                      init_fn, abstract, loss_fn, stateful)
 
 
 def open_split(config, split: str):
@@ -165,27 +260,36 @@ class Batches:
 
 
 def make_loss_fn(exp: Experiment, *, train: bool = True):
+    """The objective: `loss_fn(params, batch, rng[, model_state])` (4 arguments iff
+    `exp.stateful`), with label dropout for classifier-free guidance when configured."""
     import jax
     import jax.numpy as jnp
-    loss_fn = cv.build_objective(exp.config, exp.process, exp.apply_fn, train=train)
+    if train:
+        loss_fn = exp.loss_fn
+    else:
+        loss_fn = _objective(exp.config, exp.process, exp.apply_fn, exp.module, train=False)[0]
     p = exp.config.objective.label_dropout
     if not train or not p or exp.num_classes is None:
         return loss_fn
     null = exp.num_classes
 
-    def with_label_dropout(params, batch, rng):
+    def with_label_dropout(params, batch, rng, *state):
         rng, k = jax.random.split(rng)
         label = batch["cond"]["label"]
         drop = jax.random.bernoulli(k, p, label.shape)
         cond = {**batch["cond"], "label": jnp.where(drop, null, label).astype(label.dtype)}
-        return loss_fn(params, {**batch, "cond": cond}, rng)
+        return loss_fn(params, {**batch, "cond": cond}, rng, *state)
 
     return with_label_dropout
 
 
-def make_eps_fn(exp: Experiment):
+def make_eps_fn(exp: Experiment, *, pair: bool | None = None):
     """eps_fn(x, t, cond) with the parameters inside cond ({'params', 'model_cond'}), so that one
-    jitted sampler serves every parameter set (`sampling.sample` treats eps_fn as static)."""
+    jitted sampler serves every parameter set (`sampling.sample` treats eps_fn as static).
+
+    model_cond: {'label'} for class-conditional models, {'z'} for an autoencoder's decoder. A
+    learned-variance network (2C outputs) gives its first C channels, or the pair (eps, v) when
+    `pair` (default: iff config.sample.kwargs.variance == 'learned_range')."""
     import jax.numpy as jnp
     from diffusion_jax.objectives import edm_precondition
     from diffusion_jax.processes import as_eps_fn
@@ -199,11 +303,23 @@ def make_eps_fn(exp: Experiment):
         net = exp.apply_fn
     scale = float(cfg.sample.guidance_scale)
     null = exp.num_classes
+    learned = exp.learned_variance
+    if pair is None:
+        pair = learned and cfg.sample.kwargs.get("variance", None) == "learned_range"
 
     def eps_fn(x, t, cond):
         params, c = cond["params"], cond.get("model_cond")
-        inner = as_eps_fn(lambda x_, t_, c_: net(params, x_, t_, c_), exp.prediction, exp.process)
-        if scale == 1.0 or c is None:
+        if learned:
+            def first(x_, t_, c_):
+                return net(params, x_, t_, c_)[..., :x_.shape[-1]]
+            if pair:
+                out = net(params, x, t, c).astype(jnp.float32)
+                return out[..., :x.shape[-1]], out[..., x.shape[-1]:]
+        else:
+            def first(x_, t_, c_):
+                return net(params, x_, t_, c_)
+        inner = as_eps_fn(first, exp.prediction, exp.process)
+        if scale == 1.0 or c is None or "label" not in c:
             return inner(x, t, c)
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
@@ -224,8 +340,12 @@ def sampling_params(exp: Experiment, state):
     return state.params
 
 
-def generate(exp: Experiment, eps_fn, params, n: int, seed: int):
-    """n samples (float32 host array in [-1, 1] up to the model's error) and their labels."""
+def generate(exp: Experiment, eps_fn, params, n: int, seed: int, *, z=None,
+             num_steps: int | None = None, sampler: str | None = None):
+    """n samples (float32 host array in [-1, 1] up to the model's error) and their labels.
+
+    z (n, D): an autoencoder's latents, one per sample (required for autoencoders).
+    num_steps / sampler: override config.sample's."""
     import jax
     import numpy as np
     from diffusion_jax.sampling import sample
@@ -233,6 +353,8 @@ def generate(exp: Experiment, eps_fn, params, n: int, seed: int):
 
     s = exp.config.sample
     kwargs = {k: s.kwargs[k] for k in s.kwargs.keys() if s.kwargs[k] is not None}
+    if exp.is_autoencoder and z is None:
+        raise ValueError("generate: an autoencoder's decoder needs z (n, D)")
     key = jax.random.PRNGKey(seed)
     xs, labels = [], []
     done = 0
@@ -243,10 +365,12 @@ def generate(exp: Experiment, eps_fn, params, n: int, seed: int):
             lab = (np.arange(done, done + b) % exp.num_classes).astype(np.int32)
             labels.append(lab)
             model_cond = {"label": jax.numpy.asarray(lab)}
-        out = sample(s.sampler, eps_fn, exp.process, jax.random.fold_in(key, done),
-                     (b, *exp.image_shape), num_steps=int(s.num_steps), spacing=s.spacing,
-                     cond={"params": params, "model_cond": model_cond}, t_end=s.t_end,
-                     denoise_final=bool(s.denoise_final), **kwargs)
+        if z is not None:
+            model_cond = {"z": jax.numpy.asarray(np.asarray(z)[done:done + b], jax.numpy.float32)}
+        out = sample(sampler or s.sampler, eps_fn, exp.process, jax.random.fold_in(key, done),
+                     (b, *exp.image_shape), num_steps=int(num_steps or s.num_steps),
+                     spacing=s.spacing, cond={"params": params, "model_cond": model_cond},
+                     t_end=s.t_end, denoise_final=bool(s.denoise_final), **kwargs)
         xs.append(np.asarray(to_host(out.x), np.float32))
         done += b
     return np.concatenate(xs), (np.concatenate(labels) if labels else None)

@@ -14,6 +14,19 @@ from diffusion_jax.cli.experiment import (
 
 
 # --------------------------------------------------------------------------------- train
+def _sample_latents(exp, state, source, n: int, seed: int):
+    """Latents for the sample grids during training: the prior's for binary / Gaussian latents,
+    the first n training images' own z for continuous ones (no latent sampler yet)."""
+    import numpy as np
+    from diffusion_jax.cli.autoencoder import encode_images, generation_latents
+    from diffusion_jax.cli.experiment import autoencoder_choices
+    from diffusion_jax.data import to_model_input
+    if autoencoder_choices(exp.config)["latent"] != "continuous":
+        return generation_latents(exp, n, seed)[0]
+    x = to_model_input(source.get_batch(np.arange(n) % len(source)))["x"]
+    return encode_images(exp, state, x)
+
+
 def _install_stop_handler():
     """Installs and returns the train loop's signal handler (see StopHandler)."""
     from diffusion_jax.training import PreemptionHandler
@@ -169,8 +182,11 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 t_sample = time.perf_counter()
                 path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
                 try:
-                    x, _ = generate(exp, eps_fn, sampling_params(exp, state),
-                                     int(config.sample.num_samples), int(config.sample.seed))
+                    n = int(config.sample.num_samples)
+                    z = (_sample_latents(exp, state, source, n, int(config.sample.seed))
+                         if exp.is_autoencoder else None)
+                    x, _ = generate(exp, eps_fn, sampling_params(exp, state), n,
+                                    int(config.sample.seed), z=z)
                 except FloatingPointError as e:       # an early model may diverge: keep training
                     bar.write(f"step {step}: sampling failed ({e}); training goes on")
                 else:

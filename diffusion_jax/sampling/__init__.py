@@ -104,7 +104,7 @@ def sample(name: str, eps_fn: Callable, process: Process, key, shape, *, num_ste
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"x_init has shape {tuple(x.shape)} but shape={tuple(shape)} was requested")
     if check:
-        check_denoiser(eps_fn, x, ts[0], cond)
+        check_denoiser(eps_fn, x, ts[0], cond, pair=options.get("variance") == "learned_range")
     options = tuple(sorted(options.items()))
     out = _run(name, eps_fn, process, x, ts, cond, k_sampler, denoise_final, options)
     if check:

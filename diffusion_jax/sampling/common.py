@@ -44,15 +44,20 @@ def step_noise(key, noise, i, shape, dtype=jnp.float32, k: int | None = None) ->
     return jax.random.normal(sub, shape, dtype)
 
 
-def check_denoiser(eps_fn: EpsFn, x, t, cond) -> None:
-    """Abstractly evaluates eps_fn once and checks that it returns an array shaped like x."""
+def check_denoiser(eps_fn: EpsFn, x, t, cond, *, pair: bool = False) -> None:
+    """Abstractly evaluates eps_fn once and checks that it returns an array shaped like x (with
+    pair=True: a pair of them, e.g. (eps, v) for ancestral sampling with variance='learned_range')."""
     try:
         out = jax.eval_shape(eps_fn, x, batch_time(jnp.asarray(t, jnp.float32), x), cond)
     except Exception as e:  # noqa: BLE001 - re-raised with the shapes that caused it
         raise ValueError(f"the denoiser failed on x of shape {tuple(x.shape)}: {type(e).__name__}: {e}") from e
-    if not hasattr(out, "shape") or tuple(out.shape) != tuple(x.shape):
-        got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(f"the denoiser must return eps shaped like x {tuple(x.shape)}, got {got}")
+    outs = out if pair and isinstance(out, (tuple, list)) and len(out) == 2 else (out,)
+    want = "a pair (eps, v) of arrays" if pair else "eps"
+    if (pair and len(outs) != 2) or any(not hasattr(o, "shape") or tuple(o.shape) != tuple(x.shape)
+                                        for o in outs):
+        got = [getattr(o, "shape", type(o).__name__) for o in outs] if pair else \
+            getattr(out, "shape", type(out).__name__)
+        raise ValueError(f"the denoiser must return {want} shaped like x {tuple(x.shape)}, got {got}")
 
 
 def raise_if_nonfinite(out: SamplerOutput, ts, name: str) -> None:

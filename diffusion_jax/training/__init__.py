@@ -11,6 +11,13 @@
 
 or all of it: `T.train(T.TrainConfig(...), loss_fn, init_params_fn, data_iterator, workdir)`.
 
+Stateful losses (BatchNorm statistics, loss histories) keep non-trainable state in
+`TrainState.model_state` (default `{}`): give its initial value with
+`make_init_fn(..., init_model_state_fn=lambda k: {'encoder': module.init(k, x)['batch_stats']})`
+(or `train(..., init_model_state_fn=...)`); the step then calls
+`loss_fn(params, batch, rng, model_state)`, which returns the new state in `aux['model_state']`.
+It is checkpointed, replicated (unless boxed with logical names), and skipped by optimiser and EMA.
+
     where            what
     mesh.py          make_mesh, logical -> NamedShardings (divisibility fallback), batch sharding
     state.py         TrainState, OptimizerConfig/make_optimizer, EMA, sharded init
@@ -36,7 +43,8 @@ from diffusion_jax.training.mesh import (BATCH_AXES, DEFAULT_LOGICAL_AXIS_RULES,
 from diffusion_jax.training.state import (InitResult, OptimizerConfig, TrainState,
                                           abstract_train_state, ema_decay_at, ema_key,
                                           init_train_state, make_init_fn, make_optimizer,
-                                          make_schedule, state_shardings, update_ema)
+                                          has_leaves, make_schedule, state_shardings,
+                                          update_ema)
 from diffusion_jax.training.train_step import (CompiledTrainStep, batch_spec_of,
                                                compile_train_step, ema_decays_of,
                                                make_train_step, step_rng, validate_batch)
@@ -50,7 +58,7 @@ __all__ = [
     "batch_shardings", "check_batch_divisible", "describe_shardings", "fit_spec",
     "logical_shardings", "logical_to_mesh_spec", "make_mesh", "replicated", "resolve_mesh_shape", "InitResult",
     "OptimizerConfig", "TrainState", "abstract_train_state", "ema_decay_at", "ema_key",
-    "init_train_state", "make_init_fn", "make_optimizer", "make_schedule", "state_shardings",
-    "update_ema", "CompiledTrainStep", "batch_spec_of", "compile_train_step", "ema_decays_of",
+    "init_train_state", "has_leaves", "make_init_fn", "make_optimizer", "make_schedule",
+    "state_shardings", "update_ema", "CompiledTrainStep", "batch_spec_of", "compile_train_step", "ema_decays_of",
     "make_train_step", "step_rng", "validate_batch",
 ]

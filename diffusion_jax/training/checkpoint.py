@@ -2,8 +2,9 @@
 
 Layout of `<directory>/<step>/` (one Orbax composite checkpoint per step):
 
-    state/    the TrainState (step, params, opt_state, ema, rng): `ocp.args.StandardSave`, written
-              collectively by all processes, each its own shards (OCDBT + zarr)
+    state/    the TrainState (step, params, opt_state, ema, rng, model_state):
+              `ocp.args.StandardSave`, written collectively by all processes, each its own
+              shards (OCDBT + zarr)
     data/     the data iterator's position, `iterator.get_state()` as JSON (`ocp.args.JsonSave`,
               written by process 0). This assumes the state is the same on every process and does
               not depend on the process count, which holds for `diffusion_jax.data` loaders
@@ -32,6 +33,9 @@ is tried; when no step can be read, `CheckpointRestoreError` lists every step an
 `fallback=False` (or an explicit `step=`) raises `CheckpointRestoreError` at once. Good checkpoints
 are never deleted or overwritten by a restore. Limitation: Orbax/tensorstore do not checksum array
 data, so bytes flipped in place (same file size) are not detected.
+
+Checkpoints written before `TrainState.model_state` existed still restore into a state whose
+model_state has no leaves (it stays `{}`).
 """
 from __future__ import annotations
 
@@ -204,7 +208,11 @@ class Checkpointer:
         items = self._items_of(step)
         if "state" not in items:
             raise FileNotFoundError(f"{self.directory / str(step) / 'state'} does not exist")
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        return self._restore_items(step, items, abstract_state, data_iterator, legacy=False)
+
+    def _restore_items(self, step, items, abstract_state, data_iterator, legacy):
+        target = _legacy_target(abstract_state) if legacy else abstract_state
+        args = {"state": ocp.args.StandardRestore(target)}
         per_process = False
         if "data" in items and data_iterator is not None:
             data_dir = self.directory / str(step) / "data"
@@ -216,12 +224,22 @@ class Checkpointer:
                 args["data"] = ocp.args.JsonRestore()
         if "config" in items:
             args["config"] = ocp.args.JsonRestore()
-        out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except ValueError as e:
+            if legacy or "model_state" not in str(e) or _legacy_target(abstract_state) is None:
+                raise
+            log.info("checkpoint step %d has no model_state (written before it existed): "
+                     "restoring without it", step)
+            return self._restore_items(step, items, abstract_state, data_iterator, legacy=True)
+        state = out["state"]
+        if legacy:
+            state = dataclasses.replace(abstract_state, **state)
         data_state = None
         if "data" in args and not per_process:
             data_state = out["data"]
             data_iterator.set_state(copy.deepcopy(data_state))
-        return Restored(step=step, state=out["state"], data_state=data_state,
+        return Restored(step=step, state=state, data_state=data_state,
                         config=out["config"] if "config" in args else None)
 
     def _quarantine(self, steps: list[int]) -> None:
@@ -347,6 +365,17 @@ class PreemptionHandler:
 
     def __exit__(self, *exc):
         self.uninstall()
+
+
+def _legacy_target(abstract_state: Any) -> dict | None:
+    """The restore target of a checkpoint saved before `TrainState.model_state` existed: the other
+    fields as a dict, if `abstract_state` is a TrainState whose model_state has no leaves."""
+    if not dataclasses.is_dataclass(abstract_state) or not hasattr(abstract_state, "model_state"):
+        return None
+    if jax.tree_util.tree_leaves(abstract_state.model_state):
+        return None
+    return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+            if f.name != "model_state"}
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

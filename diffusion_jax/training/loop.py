@@ -7,6 +7,9 @@ SIGTERM handling. Small on purpose; a CLI/config layer calls it.
 * `loss_fn(params, batch, rng) -> (loss, aux)`: any objective.
 * `init_params_fn(key) -> params`: boxed (logical names) or plain; e.g.
   `lambda k: module.init(k, x0, t0)['params']`.
+* `init_model_state_fn(key) -> model_state` (keyword, optional): the initial state of a stateful
+  loss `loss_fn(params, batch, rng, model_state)` (see `state.make_init_fn`); it is checkpointed
+  and restored with the rest of the state.
 * `data_iterator`: yields this process' share of each global batch (a dict of arrays) and has
   `get_state()` / `set_state()` (a `diffusion_jax.data.make_loader` iterator).
 * `workdir`: checkpoints in `workdir/checkpoints/<step>/`, metrics in `workdir/metrics.jsonl` (one
@@ -140,7 +143,8 @@ def train(config: TrainConfig | Mapping[str, Any], loss_fn: Callable, init_param
           mesh: Mesh | None = None, batch_spec: Any = None,
           config_to_save: Mapping[str, Any] | None = None,
           on_metrics: Callable[[int, dict], None] | None = None,
-          handle_sigterm: bool = True) -> TrainResult:
+          handle_sigterm: bool = True,
+          init_model_state_fn: Callable[[jax.Array], Any] | None = None) -> TrainResult:
     """Trains until `num_steps` (default `config.num_steps`) total steps, resuming from
     `workdir/checkpoints` when it holds a checkpoint. Collective: every process calls it alike.
 
@@ -149,6 +153,8 @@ def train(config: TrainConfig | Mapping[str, Any], loss_fn: Callable, init_param
     config_to_save: JSON-able dict stored with each checkpoint (default `config.to_dict()`; pass
     the full experiment config). on_metrics(step, metrics): called with each logged record.
     Metrics are fetched to the host every `log_every` steps (and at checkpoints / the end).
+    init_model_state_fn(key): initial `model_state` of a stateful loss (`make_init_fn`); with it,
+    `loss_fn(params, batch, rng, model_state)` returns the new state in `aux['model_state']`.
     """
     cfg = TrainConfig.from_any(config)
     num_steps = int(cfg.num_steps if num_steps is None else num_steps)
@@ -162,7 +168,8 @@ def train(config: TrainConfig | Mapping[str, Any], loss_fn: Callable, init_param
 
     opt_cfg = cfg.optimizer_config()
     tx, schedule = make_optimizer(opt_cfg)
-    init_fn = make_init_fn(init_params_fn, tx, cfg.ema_decays)
+    init_fn = make_init_fn(init_params_fn, tx, cfg.ema_decays,
+                           init_model_state_fn=init_model_state_fn)
     abstract, _ = state_shardings(init_fn, mesh, rules)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_to_keep,
                         keep_best=cfg.keep_best, best_metric=cfg.best_metric,

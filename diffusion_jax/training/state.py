@@ -8,6 +8,10 @@
     ema        {key: tree}     one EMA copy of params per decay, key = `ema_key(decay)`
                                ('0.9999' -> '0p9999', no dots: Orbax joins tree paths with '.')
     rng        uint32 (2,)     base PRNG key; step k uses `jax.random.fold_in(rng, k)`
+    model_state  pytree        non-trainable state of a stateful loss (default `{}`: no leaves),
+                               e.g. {'encoder': <BatchNorm batch_stats>, 'objective': {...}};
+                               its own dtypes, never touched by the optimiser or EMA (see
+                               `make_init_fn` and `train_step.make_train_step`)
 
 Sharded initialisation (maxdiffusion / MaxText style), `init_train_state`:
 
@@ -16,7 +20,8 @@ Sharded initialisation (maxdiffusion / MaxText style), `init_train_state`:
     state = jax.jit(unboxed init_fn, out_shardings=shardings)(rng)   # born sharded
 
 Optimiser moments and EMA copies are derived from the boxed params (optax maps over the boxes), so
-they carry the same logical names and shard exactly like the parameters.
+they carry the same logical names and shard exactly like the parameters. `model_state` leaves are
+replicated unless they are boxed (`nn.LogicallyPartitioned`), then they follow the same rules.
 """
 from __future__ import annotations
 
@@ -30,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from flax.core import unfreeze
 from jax.sharding import Mesh
 
 from diffusion_jax.training import mesh as mesh_lib
 
 __all__ = ["TrainState", "OptimizerConfig", "make_optimizer", "make_schedule", "ema_key",
            "ema_decay_at", "update_ema", "make_init_fn", "abstract_train_state", "init_train_state",
-           "state_shardings", "InitResult"]
+           "state_shardings", "InitResult", "has_leaves"]
 
 
 @struct.dataclass
@@ -46,6 +52,13 @@ class TrainState:
     opt_state: Any
     ema: dict[str, Any]
     rng: jax.Array
+    model_state: Any = struct.field(default_factory=dict)
+
+    @property
+    def is_stateful(self) -> bool:
+        """True iff `model_state` has at least one leaf (the train step then calls the 4-argument
+        loss `loss_fn(params, batch, rng, model_state)`)."""
+        return has_leaves(self.model_state)
 
     def ema_params(self, decay: float | str) -> Any:
         """The EMA parameters for `decay` (a float or an `ema_key`)."""
@@ -53,6 +66,11 @@ class TrainState:
         if key not in self.ema:
             raise KeyError(f"no EMA with decay {decay}; have {sorted(self.ema)}")
         return self.ema[key]
+
+
+def has_leaves(tree: Any) -> bool:
+    """True iff `tree` has at least one leaf (`{}`, `{'encoder': {}}`, None have none)."""
+    return bool(jax.tree_util.tree_leaves(tree))
 
 
 def ema_key(decay: float) -> str:
@@ -158,12 +176,25 @@ def update_ema(ema: dict[str, Any], params: Any, decays: Mapping[str, float], st
     return out
 
 
+def _no_model_state(key):
+    del key
+    return {}
+
+
 def make_init_fn(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                 ema_decays: Sequence[float] = ()) -> Callable[[jax.Array], TrainState]:
+                 ema_decays: Sequence[float] = (), *,
+                 init_model_state_fn: Callable[[jax.Array], Any] | None = None
+                 ) -> Callable[[jax.Array], TrainState]:
     """`init_fn(rng) -> TrainState` (boxed leaves kept, for `jax.eval_shape`).
 
     `init_params_fn(key)` returns the 'params' collection, boxed (`module.init(...)['params']`
     with logical partitioning) or not (then everything is replicated). It must be traceable.
+
+    `init_model_state_fn(key)` (default `lambda key: {}`) returns the initial `model_state` of a
+    stateful loss (e.g. `{'encoder': variables['batch_stats'], 'objective': {}}`). It gets the
+    SAME key as `init_params_fn`, so both may call one `module.init(key, ...)` and keep different
+    collections (under jit/eval_shape the duplicate init is cheap and bit-identical). FrozenDicts
+    are thawed to dicts (the train step compares tree structures). Leaves keep their dtypes.
     """
     decays = tuple(float(d) for d in ema_decays)
     if len({ema_key(d) for d in decays}) != len(decays):
@@ -171,18 +202,27 @@ def make_init_fn(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientT
     for d in decays:
         if not 0.0 <= d < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {d}")
+    init_model_state_fn = init_model_state_fn or _no_model_state
 
     def init_fn(rng):
         rng = jnp.asarray(rng, jnp.uint32)
         k_params, k_base = jax.random.split(rng)
         params = init_params_fn(k_params)
-        if isinstance(params, Mapping) and "params" in params and len(params) == 1:
-            params = params["params"]
+        if isinstance(params, Mapping) and "params" in params:
+            if len(params) == 1:
+                params = params["params"]
+            elif "batch_stats" in params:
+                raise ValueError(
+                    f"init_params_fn returned a flax variables dict with collections "
+                    f"{sorted(params)}; return only variables['params'] and pass the other "
+                    f"collections through init_model_state_fn (e.g. lambda k: "
+                    f"{{'encoder': module.init(k, ...)['batch_stats']}})")
         opt_state = tx.init(params)
         ema = {ema_key(d): jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
                for d in decays}
+        model_state = unfreeze(init_model_state_fn(k_params))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                          ema=ema, rng=k_base)
+                          ema=ema, rng=k_base, model_state=model_state)
 
     return init_fn
 

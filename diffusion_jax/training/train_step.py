@@ -15,23 +15,37 @@ params-shaped tree, sharded like the params; for tests and debugging).
 
 The per-step key `fold_in(state.rng, state.step)` depends only on the seed and the step, so a
 resumed run draws exactly the noise an uninterrupted one would.
+
+Stateful losses (BatchNorm running statistics, a loss history for importance sampling of t): when
+`state.model_state` has at least one leaf the step calls
+
+    loss, aux = loss_fn(params, batch, rng, state.model_state)
+
+and the new state is `stop_gradient(aux.pop('model_state'))` (same tree structure and shapes; each
+leaf is cast to its stored dtype). It is replaced on EVERY call, i.e. every micro-step under
+gradient accumulation (k batches of an `optax.MultiSteps` update give k state updates, like k
+forward passes of a PyTorch module in train mode), and it is neither optimised nor averaged by the
+EMA. With no leaves in `state.model_state` the step calls the plain 3-argument loss, as before.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.core import unfreeze
 from jax.sharding import Mesh
 
 from diffusion_jax.training import distributed as dist
 from diffusion_jax.training import mesh as mesh_lib
-from diffusion_jax.training.state import TrainState, update_ema
+from diffusion_jax.training.state import TrainState, has_leaves, update_ema
 
-LossFn = Callable[[Any, Mapping, jax.Array], tuple[jax.Array, Any]]
+LossFn = Callable[..., tuple[jax.Array, Any]]   # (params, batch, rng[, model_state]) -> (loss, aux)
 
 __all__ = ["make_train_step", "compile_train_step", "CompiledTrainStep", "batch_spec_of",
            "validate_batch", "step_rng", "ema_decays_of"]
@@ -57,6 +71,61 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
+def _check_arity(loss_fn: Callable, stateful: bool) -> None:
+    """Clear error when `loss_fn` cannot take the arguments the step will pass."""
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):      # builtins, some C callables: let the call speak
+        return
+    args = (None,) * (4 if stateful else 3)
+    try:
+        sig.bind(*args)
+    except TypeError as e:
+        if stateful:
+            raise ValueError(
+                f"state.model_state has leaves, so the train step calls "
+                f"loss_fn(params, batch, rng, model_state), but loss_fn{sig} does not take a "
+                f"model_state argument ({e}); use a stateful loss or init_model_state_fn=None"
+            ) from None
+        raise ValueError(
+            f"state.model_state has no leaves, so the train step calls loss_fn(params, batch, "
+            f"rng), but loss_fn{sig} cannot be called that way ({e}); pass "
+            f"init_model_state_fn to make_init_fn / train (a stateful loss needs a model_state "
+            f"with leaves), or give model_state a default") from None
+
+
+def _new_model_state(old: Any, aux: Any) -> tuple[Any, Any]:
+    """(new model_state, aux without it): `aux['model_state']` checked against `old` (tree
+    structure and shapes), cast to `old`'s dtypes, stop_gradient."""
+    if not isinstance(aux, Mapping) or "model_state" not in aux:
+        got = sorted(aux) if isinstance(aux, Mapping) else type(aux).__name__
+        raise ValueError(
+            f"state.model_state has leaves (a stateful loss), but loss_fn did not return "
+            f"aux['model_state'] (aux: {got}); a stateful loss must return its updated state in "
+            f"aux['model_state'] with the structure of the state it was given")
+    aux = dict(aux)
+    new = unfreeze(nn.unbox(aux.pop("model_state")))
+    old_def, new_def = jax.tree_util.tree_structure(old), jax.tree_util.tree_structure(new)
+    if old_def != new_def:
+        raise ValueError(f"loss_fn returned aux['model_state'] with tree structure {new_def}, "
+                         f"but state.model_state has {old_def}")
+    flat_old = jax.tree_util.tree_flatten_with_path(old)[0]
+
+    def cast(path_old, n):
+        path, o = path_old
+        name = f"aux['model_state']{jax.tree_util.keystr(path)}"
+        if jnp.shape(n) != jnp.shape(o):
+            raise ValueError(f"{name} has shape {jnp.shape(n)}, the state has {jnp.shape(o)}")
+        o_dtype, n_dtype = jnp.result_type(o), jnp.result_type(n)
+        if np.dtype(o_dtype).kind != np.dtype(n_dtype).kind and not (
+                jnp.issubdtype(o_dtype, jnp.floating) and jnp.issubdtype(n_dtype, jnp.floating)):
+            raise ValueError(f"{name} has dtype {n_dtype}, the state has {o_dtype}")
+        return jax.lax.stop_gradient(jnp.asarray(n).astype(o_dtype))
+
+    leaves = [cast(po, n) for po, n in zip(flat_old, jax.tree_util.tree_leaves(new))]
+    return jax.tree_util.tree_unflatten(old_def, leaves), aux
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, *, grad_accum_steps: int = 1,
                     ema_warmup: bool = False, return_grads: bool = False
@@ -67,15 +136,36 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     and the learning-rate metric follow the optimiser updates, i.e. state.step // k. EMA decays
     are read from `state.ema`'s keys; with `ema_warmup` the decay at update n is
     min(decay, (1 + n) / (10 + n)).
+
+    Stateful losses (`state.model_state` has leaves): `loss_fn(params, batch, rng, model_state)`
+    must return the new state in `aux['model_state']` (ValueError otherwise, or if its tree
+    structure / shapes differ); it replaces `state.model_state` every call (every micro-step).
     """
     k = int(grad_accum_steps)
 
     def train_step(state: TrainState, batch, rng):
+        stateful = has_leaves(state.model_state)
+        _check_arity(loss_fn, stateful)
+
         def objective(params):
-            loss, aux = loss_fn(params, batch, rng)
+            if stateful:
+                loss, aux = loss_fn(params, batch, rng, state.model_state)
+            else:
+                loss, aux = loss_fn(params, batch, rng)
             return jnp.asarray(loss, jnp.float32), aux
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        model_state = state.model_state
+        if stateful:
+            model_state, aux = _new_model_state(state.model_state, aux)
+        elif isinstance(aux, Mapping) and "model_state" in aux:
+            aux = dict(aux)
+            returned = aux.pop("model_state")
+            if has_leaves(returned):
+                raise ValueError(
+                    "loss_fn returned aux['model_state'] with leaves, but state.model_state has "
+                    "none, so the new state would be dropped; pass init_model_state_fn to "
+                    "make_init_fn / train to give the state its initial model_state")
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -93,7 +183,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
             metrics["learning_rate"] = jnp.asarray(schedule(update_index), jnp.float32)
         if return_grads:
             metrics["grads"] = grads
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                                  model_state=model_state)
         return new_state, metrics
 
     return train_step
@@ -201,5 +292,7 @@ def compile_train_step(train_step, abstract_state: TrainState, batch_spec: Any, 
     """AOT-compiles `train_step` for `abstract_state` (ShapeDtypeStructs with `.sharding`, e.g.
     `init_train_state(...).abstract`) and `batch_spec` (global batch ShapeDtypeStructs, e.g.
     `batch_spec_of(first_batch)`). Raises a clear ValueError if the batch does not divide over
-    the mesh's ('data', 'fsdp') axes."""
+    the mesh's ('data', 'fsdp') axes. `state.model_state` keeps the shardings of
+    `abstract_state` (replicated unless boxed with logical names at init); batch statistics a
+    stateful loss computes inside the step are over the GLOBAL batch (SPMD)."""
     return CompiledTrainStep(train_step, abstract_state, batch_spec, mesh, donate=donate)

@@ -1,0 +1,156 @@
+"""`--mode=report` (and the end of `--mode=train`): one page that shows what the run learned.
+
+    workdir/report.md, workdir/report.html   the page (HTML self-contained: images embedded)
+    workdir/report.json                      its numbers
+    workdir/report/samples.png               unconditional samples (autoencoders: z from the
+                                             prior / the latent DDIM, see `generation_latents`)
+    workdir/report/reconstructions.png       originals / from (z, inverted x_T) / from (z, noise)
+    workdir/report/interpolations.png        linear in z, spherical in x_T, one row per pair
+    workdir/report/probe_heatmap.png         linear-probe accuracy by (t, block)
+    workdir/loss_curve.png                   the training loss
+
+Everything is computed from the newest checkpoint (EMA parameters), so re-running the report after
+an interrupted or finished training run gives the same page.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from diffusion_jax.cli.experiment import (
+    build_experiment, generate, has_checkpoints, image_shape_of, make_eps_fn, missing_checkpoint,
+    open_split, restore_checkpoint, sampling_params, say)
+
+__all__ = ["run_report"]
+
+
+def _training_summary(workdir: str) -> dict:
+    from diffusion_jax.training import read_metrics
+    recs = [r for r in read_metrics(workdir) if "loss" in r]
+    if not recs:
+        return {}
+    first, last = recs[0], recs[-1]
+    sps = [r["steps_per_sec"] for r in recs[1:] if "steps_per_sec" in r] or [float("nan")]
+    tail = recs[-max(1, len(recs) // 10):]
+    return {"steps": last["step"], "first logged loss": first["loss"],
+            "final loss (mean of the last 10% of logs)": sum(r["loss"] for r in tail) / len(tail),
+            "median steps/s": sorted(sps)[len(sps) // 2]}
+
+
+def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
+    import jax
+    import numpy as np
+    from diffusion_jax.cli import autoencoder as ae_lib
+    from diffusion_jax.cli.experiment import autoencoder_choices
+    from diffusion_jax.cli.probe import probe_table
+    from diffusion_jax.reports import image_grid
+    from diffusion_jax.reports.plots import loss_curve
+    from diffusion_jax.reports.report import Report
+
+    if not has_checkpoints(workdir):
+        raise missing_checkpoint(workdir)
+    t0 = time.perf_counter()
+    exp = build_experiment(config, image_shape_of(open_split(config, "train")))
+    ckpt_step, state = restore_checkpoint(exp, workdir, step)
+    r, rd, s = config.report, config.readout, config.sample
+    out = os.path.join(workdir, "report")
+    os.makedirs(out, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, workdir)
+    numbers: dict = {"step": ckpt_step, "config": config.data.name}
+    kind = config.autoencoder.kind
+    title = {"none": "Diffusion model", "diffae": "DiffAE", "dmz": "DMZ"}[kind]
+    rep = Report(f"{title} on {config.data.name}: report at step {ckpt_step}",
+                 intro=f"Work directory {workdir}. Every figure below is made from the checkpoint "
+                       f"of step {ckpt_step} (EMA parameters) by diffusion_jax's own functions; "
+                       f"`python -m diffusion_jax --workdir={workdir} --mode=report` rebuilds it.")
+
+    summary = _training_summary(workdir)
+    if summary:
+        rep.add_table("Training", [{"quantity": k, "value": v} for k, v in summary.items()],
+                      ["quantity", "value"])
+        numbers["training"] = summary
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        rep.add_image("Loss curve", rel(loss_curve(metrics, os.path.join(workdir,
+                                                                           "loss_curve.png"))))
+
+    train = ae_lib.load_arrays(config, "train", rd.num_train)
+    test = ae_lib.load_arrays(config, config.eval.split, rd.num_test)
+    params = sampling_params(exp, state)
+    n = int(s.num_samples)
+    train_z = test_z = sampler = None
+    sample_what = f"{s.sampler}, {s.num_steps} steps"
+    z_gen = None
+    if exp.is_autoencoder:
+        choice = autoencoder_choices(config)
+        progress(f"report: encoding {len(train['x'])} train and {len(test['x'])} test images")
+        train_z = ae_lib.encode_images(exp, state, train["x"])
+        test_z = ae_lib.encode_images(exp, state, test["x"])
+        ls = config.latent_sampler
+        if choice["latent"] == "continuous" and ls.num_steps:
+            from diffusion_jax.autoencoders.latent_sampler import train_latent_sampler
+            progress(f"report: training the latent DDIM ({ls.num_steps} steps) on "
+                     f"{len(train_z)} normalised latents")
+            sampler = train_latent_sampler(train_z, {
+                "num_layers": ls.num_layers, "hidden": ls.hidden, "batch_size": ls.batch_size,
+                "learning_rate": ls.learning_rate, "num_steps": ls.num_steps, "loss": ls.loss,
+                "sample_steps": ls.sample_steps, "seed": config.train.seed,
+                "chunk_steps": min(1000, ls.num_steps)})
+            numbers["latent_sampler_final_loss"] = float(np.asarray(sampler.losses)[-1])
+        z_gen, z_what = ae_lib.generation_latents(exp, n, int(s.seed), train_z=train_z,
+                                                  latent_sampler=sampler)
+        sample_what += f"; {z_what}"
+    progress(f"report: sampling {n} images ({sample_what})")
+    x, _ = generate(exp, make_eps_fn(exp), params, n, int(s.seed), z=z_gen)
+    samples_png = image_grid(x, os.path.join(out, "samples.png"))
+    rep.add_image("Samples", rel(samples_png), caption=sample_what)
+
+    if exp.is_autoencoder:
+        k = min(int(r.num_reconstructions), len(test["x"]))
+        progress(f"report: reconstructing {k} test images (DDIM inversion, "
+                 f"{r.inversion_steps} steps)")
+        rec = ae_lib.reconstructions(exp, state, test["x"][:k], test_z[:k],
+                                     steps=r.inversion_steps,
+                                     fixed_point_iters=r.fixed_point_iters, seed=int(s.seed))
+        png = image_grid(np.concatenate([test["x"][:k], rec["inverted"], rec["noise"]]),
+                         os.path.join(out, "reconstructions.png"), ncol=k)
+        rep.add_image("Reconstructions", rel(png),
+                      caption="rows: test images; decoded from (z, x_T = DDIM inversion); decoded "
+                              "from (z, fresh noise): same semantics, new details")
+        rows = [{"decoded from": "(z, inverted x_T)", "MSE": rec["mse_inverted"]},
+                {"decoded from": "(z, fresh noise)", "MSE": rec["mse_noise"]}]
+        rep.add_table("Reconstruction error (per pixel, images in [-1, 1])", rows)
+        numbers["reconstruction"] = {"mse_inverted": rec["mse_inverted"],
+                                     "mse_noise": rec["mse_noise"]}
+        m = min(int(r.num_interpolations), len(test["x"]) // 2)
+        progress(f"report: interpolating {m} pairs")
+        path, w = ae_lib.interpolations(exp, state, test["x"][:m], test["x"][m:2 * m],
+                                        test_z[:m], test_z[m:2 * m], steps=r.inversion_steps,
+                                        points=int(r.interpolation_points),
+                                        fixed_point_iters=r.fixed_point_iters)
+        grid = np.transpose(path, (1, 0, 2, 3, 4)).reshape(-1, *path.shape[2:])
+        png = image_grid(grid, os.path.join(out, "interpolations.png"), ncol=len(w))
+        rep.add_image("Interpolations", rel(png),
+                      caption="each row: two test images' (z, x_T), z linear and x_T spherical")
+
+    if r.probe:
+        progress("report: probing representations (linear probe and k-NN on the labels)")
+        heat = os.path.join(out, "probe_heatmap.png")
+        table = probe_table(exp, state, train, test, key=jax.random.PRNGKey(config.train.seed + 3),
+                            train_z=train_z, test_z=test_z, heatmap=heat, log=progress)
+        cols = list(dict.fromkeys(k for row in table["rows"] for k in row))
+        rep.add_table(f"Representations: test accuracy ({len(train['x'])} train / "
+                      f"{len(test['x'])} test images)", table["rows"], cols,
+                      caption="linear: logistic regression, 5-fold CV over (lr, weight decay); "
+                              f"knn: {rd.knn_k}-NN cosine vote; readout: best (t, block) of the "
+                              "sweep chosen on validation accuracy")
+        rep.add_image("Readout sweep (DDAE)", rel(heat))
+        numbers["probe"] = table["rows"]
+        numbers["readout_best"] = table["best"]
+    numbers["seconds"] = time.perf_counter() - t0
+    md, html = rep.write(workdir)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(numbers, f, indent=2, default=lambda o: np.asarray(o).tolist())
+    progress(f"report written: {html} (and {md}) in {numbers['seconds']:.0f}s")
+    return {"mode": "report", "step": ckpt_step, "markdown": md, "html": html, **numbers}

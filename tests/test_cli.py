@@ -37,7 +37,8 @@ def tiny(workdir, data_dir, *extra):
             "--config.train.log_every=1", "--config.train.checkpoint_every=3",
             "--config.sample.num_steps=3", "--config.sample.num_samples=8",
             "--config.sample.batch_size=8", "--config.eval.num_batches=2",
-            "--noprogress", *extra]
+            "--config.report.enabled=False", "--config.autoencoder.kind=none",
+            "--config.latent_sampler.num_steps=0", "--noprogress", *extra]
 
 
 @pytest.fixture

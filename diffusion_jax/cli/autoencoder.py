@@ -242,7 +242,7 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
     inverted x_T."""
     import jax.numpy as jnp
     import numpy as np
-    from diffusion_jax.autoencoders.manipulation import attribute_direction, manipulate
+    from diffusion_jax.autoencoders.manipulation import fit_linear_classifier, manipulate
     from diffusion_jax.autoencoders.inference import reconstruct, stochastic_encode
     from diffusion_jax.reports import image_grid
     exp, ckpt_step, state, split = _open(config, workdir, step, "manipulate")
@@ -258,7 +258,9 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
         raise CLIError(f"report.manipulate_target={target} is not a label of "
                        f"{config.data.name!r} (labels {classes.min()}..{classes.max()})")
     z_train = encode_images(exp, state, train["x"])
-    direction, stats = attribute_direction(z_train, (labels == target).astype(np.int32))
+    clf = fit_linear_classifier(z_train, labels == target)      # on normalised z (DiffAE)
+    direction, stats = clf.directions, clf.stats
+    train_acc = float(np.mean((np.asarray(clf.logits(z_train)) > 0) == (labels == target)))
     test = load_arrays(config, split, r.num_reconstructions)
     keep = test["label"] != target
     x0 = test["x"][keep][:8]
@@ -268,15 +270,19 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
                             fixed_point_iters=r.fixed_point_iters)
     rows = [x0]
     scales = tuple(float(s) for s in r.manipulate_scales)
+    logits = []
     for s in scales:
         zs = manipulate(jnp.asarray(z), direction, s, stats)
-        rows.append(np.asarray(reconstruct(eps_fn, exp.process, zs, x_t,
-                                           num_steps=r.inversion_steps)))
+        x_s = np.asarray(reconstruct(eps_fn, exp.process, zs, x_t, num_steps=r.inversion_steps))
+        rows.append(x_s)
+        logits.append(float(np.mean(np.asarray(clf.logits(encode_images(exp, state, x_s))))))
     out_dir = os.path.join(workdir, "manipulations")
     png = os.path.join(out_dir, f"step{ckpt_step}_target{target}.png")
     image_grid(np.concatenate(rows), png, ncol=len(x0))
     record = {"mode": "manipulate", "step": ckpt_step, "target": target, "png": png,
-              "scales": list(scales), "rows": ["originals"] + [f"scale {s}" for s in scales]}
+              "scales": list(scales), "rows": ["originals"] + [f"scale {s}" for s in scales],
+              "classifier_train_accuracy": train_acc,
+              "mean_logit_of_re_encoded_images": logits}
     _write_json(os.path.join(out_dir, f"step{ckpt_step}_target{target}.json"), record)
     say(f"wrote {png} (towards label {target}, scales {scales})")
     return record

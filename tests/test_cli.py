@@ -41,32 +41,6 @@ def tiny(workdir, data_dir, *extra):
             "--config.latent_sampler.num_steps=0", "--noprogress", *extra]
 
 
-@pytest.fixture
-def compile_cache(tmp_path):
-    """JAX's persistent compilation cache in a temporary directory for one test: the resumed run
-    and sample mode then reuse the first run's executables (the same HLO) instead of compiling
-    again, which keeps the end-to-end test near a minute on 2 shared cores. Restored after."""
-    import jax
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    try:
-        from jax._src import compilation_cache as cc   # reset_cache: re-read the settings
-    except ImportError:                                  # pragma: no cover
-        yield None
-        return
-    jax.config.update(names[0], str(tmp_path / "jax_cache"))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    cc.reset_cache()
-    try:
-        yield tmp_path / "jax_cache"
-    finally:
-        for n, v in old.items():
-            jax.config.update(n, v)
-        cc.reset_cache()
-
-
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

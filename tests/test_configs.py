@@ -162,12 +162,12 @@ def test_network_parameter_counts():
     import numpy as np
     from flax import linen as nn
 
-    from diffusion_jax.cli import _network
+    from diffusion_jax.cli.experiment import build_network
     from diffusion_jax.networks import abstract_variables
 
     def count(name):
         c = load(name)
-        v = abstract_variables(_network(c), (1, 32, 32, 3), None)
+        v = abstract_variables(build_network(c, (32, 32, 3)), (1, 32, 32, 3), None)
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(v)))
 
     assert count("ddpm_cifar10.py") == 35_746_307

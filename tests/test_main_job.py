@@ -44,7 +44,7 @@ def image(path):
     return np.asarray(Image.open(path), np.float32)
 
 
-def test_main_job_writes_a_sane_report(tmp_path, capsys):
+def test_main_job_writes_a_sane_report(tmp_path, capsys, compile_cache):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     out = cli.main(small(workdir, data_dir))
     printed = capsys.readouterr().out
@@ -99,7 +99,7 @@ def test_autoencoder_modes_need_an_autoencoder(tmp_path):
         cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=reconstruct"])
 
 
-def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, capsys):
+def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, capsys, compile_cache):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     def argv(num_steps):
         return small(workdir, data_dir, f"--config.train.num_steps={num_steps}",

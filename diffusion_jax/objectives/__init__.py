@@ -1,5 +1,8 @@
 """Training objectives as pure loss factories: `factory(process, apply_fn, **options)` returns a
 jittable `loss_fn(params, batch, rng) -> (loss, aux)` with batch {'x': (B, ...), 'cond': optional}.
+A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is instead
+`loss_fn(params, batch, rng, model_state)` and returns the updated state in aux['model_state'];
+`loss_fn.init_state()` gives the initial one.
 
     where               what
     denoising.py        eps / x0 / v prediction losses, denoising score matching (sigma^2 or
@@ -7,6 +10,8 @@ jittable `loss_fn(params, batch, rng) -> (loss, aux)` with batch {'x': (B, ...),
     edm.py              EDM preconditioning, its loss and its eps_fn adapter
     time_sampling.py    uniform / stratified / likelihood-importance / log-normal / discrete t, and
                         improved DDPM's loss-aware sampler
+    hybrid.py           improved DDPM's hybrid loss L_simple + lambda L_vb with a learned variance
+                        ([eps, v] outputs), optionally loss-aware t (a stateful loss) and DDPM-IP
     weighting.py        loss weights lambda(t) and the error factors between parameterisations
     vdm.py              the VDM ELBO with a learnable schedule
 """
@@ -15,6 +20,11 @@ from diffusion_jax.objectives.denoising import (
 )
 from diffusion_jax.objectives.edm import (
     EDMScalings, edm_eps_fn, edm_loss, edm_loss_weight, edm_precondition, edm_scalings, edm_target,
+)
+from diffusion_jax.objectives.hybrid import (
+    HYBRID_TIME_SAMPLINGS, VBSchedule, approx_standard_normal_cdf, discretized_gaussian_log_likelihood,
+    hybrid_loss, hybrid_loss_state, is_stateful, learned_variance_eps_fn, learned_variance_pair_fn, normal_kl,
+    split_learned_variance, vb_schedule, vb_timesteps,
 )
 from diffusion_jax.objectives.time_sampling import (
     TIME_SAMPLINGS, LossHistory, TimeSample, bucket_time, edm_sigma_sample, history_probs,
@@ -35,5 +45,8 @@ __all__ = [
     "time_from_index", "LossHistory", "init_loss_history", "history_probs", "sample_from_history",
     "update_history", "bucket_time", "time_bucket", "PREDICTIONS", "WEIGHTINGS", "snr", "eps_factor",
     "min_snr_weight", "loss_weight", "vdm_elbo_loss", "elbo_bpd",
+    "hybrid_loss", "hybrid_loss_state", "is_stateful", "HYBRID_TIME_SAMPLINGS", "VBSchedule", "vb_schedule",
+    "vb_timesteps", "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood",
+    "split_learned_variance", "learned_variance_eps_fn", "learned_variance_pair_fn",
 ]
 

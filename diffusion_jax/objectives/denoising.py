@@ -24,6 +24,11 @@ aux['per_example'] = {'loss', 'time_loss' (before w_is), 't'}, each (B,).
 
 A batch may carry its own times: batch['t'] (B,) and optional batch['t_weight'] (B,) replace the time
 sampler (e.g. improved DDPM's loss-aware sampler, see `time_sampling`).
+
+input_perturbation = gamma > 0 is DDPM-IP (Ning et al. 2023): the network sees
+x_t = alpha x0 + sigma (eps + gamma xi) with xi ~ N(0, I) independent of eps, while the target stays
+eps (x0, v and score targets are built from the same unperturbed eps). gamma = 0 draws nothing extra
+and is bit-identical to the plain loss.
 """
 from __future__ import annotations
 
@@ -77,9 +82,32 @@ def _batch_time(process, batch, key, n, time_sampling, discrete) -> TimeSample:
     return sample_time(process, key, n, time_sampling, discrete=discrete)
 
 
+def check_input_perturbation(gamma) -> float:
+    """gamma as a float; ValueError unless it is finite and >= 0."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_perturbation must be a float >= 0, got {gamma!r}") from None
+    if not (g >= 0.0 and g < float("inf")):
+        raise ValueError(f"input_perturbation must be a finite float >= 0, got {gamma!r}")
+    return g
+
+
+def noisy_input(process: Process, x0, t, key, input_perturbation: float = 0.0):
+    """(x_t, eps): eps ~ N(0, I) from `key` and x_t = alpha x0 + sigma (eps + gamma xi) (DDPM-IP) with
+    xi ~ N(0, I) drawn from fold_in(key, 1) only when gamma > 0 (gamma = 0: x_t = alpha x0 + sigma eps)."""
+    eps = jax.random.normal(key, x0.shape, jnp.float32)
+    a, s = bcast(process.alpha(t), x0), bcast(process.sigma(t), x0)
+    if input_perturbation > 0.0:
+        xi = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32)
+        return a * x0 + s * (eps + input_perturbation * xi), eps
+    return a * x0 + s * eps, eps
+
+
 def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "eps", weighting: str = "none",
                    min_snr_gamma: float = 5.0, time_sampling: str = "uniform", discrete: bool | None = None,
-                   reduce: str = "mean", train: bool = True, return_per_example: bool = False) -> LossFn:
+                   reduce: str = "mean", train: bool = True, return_per_example: bool = False,
+                   input_perturbation: float = 0.0) -> LossFn:
     """The general factory: L = E_t E_{x0, eps}[w_is lambda(t) ||pred(x_t, t) - target||^2].
 
     prediction: 'eps' | 'x0' | 'v' | 'score' (what apply_fn outputs; also the regression target).
@@ -87,7 +115,9 @@ def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "ep
     time_sampling: 'uniform' | 'stratified' | 'importance' | 'lognormal' (`time_sampling`).
     discrete: integer DDPM timesteps (default: iff the process is a DiscreteDDPM).
     train: passed to apply_fn (dropout on, with the loss rng's dropout key).
+    input_perturbation: DDPM-IP's gamma, x_t = alpha x0 + sigma (eps + gamma xi), target unchanged.
     """
+    gamma = check_input_perturbation(input_perturbation)
     check_option("prediction", prediction, PREDICTIONS)
     check_option(f"weighting for {prediction!r} prediction", weighting, WEIGHTINGS[prediction])
     check_option("time sampling", time_sampling, TIME_SAMPLINGS)
@@ -99,9 +129,8 @@ def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "ep
         k_t, k_eps, k_drop = jax.random.split(rng, 3)
         ts = _batch_time(process, batch, k_t, x0.shape[0], time_sampling, discrete)
         t = ts.t
-        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        xt, eps = noisy_input(process, x0, t, k_eps, gamma)
         a, s = bcast(process.alpha(t), x0), bcast(process.sigma(t), x0)
-        xt = a * x0 + s * eps
         out = _network(apply_fn, params, xt, t, cond, train, k_drop)
         if prediction == "eps":
             target, eps_hat = eps, out
@@ -132,7 +161,8 @@ def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "ep
 def epsilon_loss(process: Process, apply_fn: ApplyFn, *, weighting: str = "none", min_snr_gamma: float = 5.0,
                  time_sampling: str = "uniform", **options) -> LossFn:
     """DDPM's simple loss E||eps - eps_hat(x_t, t)||^2 (Ho et al. 2020); weighting 'none' | 'min_snr'
-    (lambda = min(SNR, gamma)/SNR, Hang et al. 2023)."""
+    (lambda = min(SNR, gamma)/SNR, Hang et al. 2023). Options pass through to `denoising_loss`
+    (e.g. input_perturbation=0.1 for DDPM-IP)."""
     return denoising_loss(process, apply_fn, prediction="eps", weighting=weighting, min_snr_gamma=min_snr_gamma,
                           time_sampling=time_sampling, **options)
 

@@ -1,4 +1,5 @@
-"""PNG figures made by the library's own functions: sample scatters, image grids, error-vs-NFE curves."""
+"""PNG figures made by the library's own functions: sample scatters, image grids, error-vs-NFE curves,
+readout-probe heat maps."""
 from __future__ import annotations
 
 import math
@@ -100,4 +101,45 @@ def loss_curve(metrics_jsonl: str, path: str, *, key: str = "loss", smooth: int 
     ax.set_ylabel(key)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def probe_heatmap(result_or_grid, timesteps=None, blocks=None, path: str | None = None, *,
+                  title: str = "", method: str | None = None) -> str:
+    """Heat map of a (t, block) readout accuracy grid (T, nB): one annotated cell each, the best
+    cell outlined. Takes a `readouts.SweepResult` (timesteps / blocks from it; `method` picks the
+    grid, default its first) or a bare grid with `timesteps` and `blocks`."""
+    if path is None:
+        raise ValueError("probe_heatmap needs path=<output .png>")
+    if hasattr(result_or_grid, "grid"):
+        grid = result_or_grid.grid(method)
+        timesteps = result_or_grid.timesteps if timesteps is None else timesteps
+        blocks = result_or_grid.blocks if blocks is None else blocks
+        method = method or result_or_grid.methods[0]
+    else:
+        grid = result_or_grid
+    grid = np.asarray(grid, np.float64)
+    if timesteps is None or blocks is None:
+        raise ValueError("a bare grid needs timesteps= and blocks=")
+    if grid.shape != (len(timesteps), len(blocks)):
+        raise ValueError(f"grid has shape {grid.shape}; expected (len(timesteps), len(blocks)) = "
+                         f"({len(timesteps)}, {len(blocks)})")
+    fig, ax = plt.subplots(figsize=(0.6 * len(blocks) + 2.0, 0.45 * len(timesteps) + 1.4))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    mid = 0.5 * (np.nanmin(grid) + np.nanmax(grid))
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if grid[i, j] > mid else "white")
+    i, j = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
+    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.set_xticks(range(len(blocks)))
+    ax.set_xticklabels(list(blocks), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(timesteps)))
+    ax.set_yticklabels([f"{float(t):.3g}" for t in timesteps], fontsize=7)
+    ax.set_xlabel("block")
+    ax.set_ylabel("t")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"{method or ''} accuracy".strip())
+    ax.set_title(title or f"best: t={float(timesteps[i]):.3g}, {blocks[j]} ({grid[i, j]:.3f})",
+                 fontsize=9)
     return _save(fig, path)

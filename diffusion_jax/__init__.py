@@ -2,8 +2,10 @@
 
 Layers, lowest first (a lower layer never imports a higher one):
     processes, objectives, sampling, likelihood, reference   the maths: jax only, pure functions
-    networks                                                 Flax UNet / DiT
+    networks                                                 Flax UNet / DiT / latent MLP
+    autoencoders, readouts, evaluation                       DiffAE / DMZ, DDAE readouts and probes,
+                                                             sample-quality features and distances
     data, training                                           tfds + grain input; mesh, train step, checkpoints
-    reports, demos, cli                                      plots, runnable jobs, the command line
+    reports, demos, cli                                      plots and report pages, runnable jobs, the command line
 """
 __version__ = "0.1.0"

@@ -94,7 +94,7 @@ def test_autoencoder_modes_need_an_autoencoder(tmp_path):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     cli.main(small(workdir, data_dir, "--config.autoencoder.kind=none",
                    "--config.latent_sampler.num_steps=0", "--config.report.enabled=False",
-                   "--config.train.num_steps=2"))
+                   "--config.train.num_steps=2", "--config.optim.warmup_steps=1"))
     with pytest.raises(cli.CLIError, match="needs a diffusion autoencoder"):
         cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=reconstruct"])
 

@@ -90,13 +90,18 @@ def test_main_job_writes_a_sane_report(tmp_path, capsys, compile_cache):
     assert image(man["png"]).std() > 5.0
 
 
-def test_autoencoder_modes_need_an_autoencoder(tmp_path):
+def test_bad_input_names_the_problem(tmp_path):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
-    cli.main(small(workdir, data_dir, "--config.autoencoder.kind=none",
-                   "--config.latent_sampler.num_steps=0", "--config.report.enabled=False",
-                   "--config.train.num_steps=2", "--config.optim.warmup_steps=1"))
     with pytest.raises(cli.CLIError, match="needs a diffusion autoencoder"):
-        cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=reconstruct"])
+        cli.main(small(workdir, data_dir, "--config.autoencoder.kind=none",
+                       "--config.latent_sampler.num_steps=0", "--mode=reconstruct"))
+    with pytest.raises(cli.CLIError, match="no checkpoint in workdir"):
+        cli.main(small(workdir, data_dir, "--mode=interpolate"))
+    with pytest.raises(cli.cv.ConfigError, match="unknown z-conditioning modes"):
+        cli.main(small(workdir, data_dir, "--config.autoencoder.z_conditioning=('adagn',)"))
+    with pytest.raises(cli.cv.ConfigError, match="power of two"):
+        cli.main(small(workdir, data_dir, "--config.autoencoder.encoder=conv",
+                       "--config.data.image_size=12"))
 
 
 def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, capsys, compile_cache):

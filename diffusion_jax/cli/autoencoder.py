@@ -37,12 +37,6 @@ def load_arrays(config, split: str, limit: int = 0) -> dict:
     return to_model_input(source.get_batch(range(n)))
 
 
-def _require_autoencoder(exp: Experiment, mode: str) -> None:
-    if not exp.is_autoencoder:
-        raise CLIError(f"--mode={mode} needs a diffusion autoencoder (config.autoencoder.kind "
-                       f"'diffae' or 'dmz'); this run's kind is 'none'")
-
-
 def _check_images(exp: Experiment, images) -> None:
     shape = tuple(images.shape[1:])
     if shape != tuple(exp.image_shape):
@@ -148,12 +142,14 @@ def interpolations(exp: Experiment, state, images_a, images_b, z_a, z_b, *, step
 
 
 def _open(config, workdir: str, step, mode: str):
+    if config.autoencoder.kind == "none":
+        raise CLIError(f"--mode={mode} needs a diffusion autoencoder (config.autoencoder.kind "
+                       f"'diffae' or 'dmz'); this run's kind is 'none'")
     if not has_checkpoints(workdir):
         raise missing_checkpoint(workdir)
     split = config.eval.split
     source = open_split(config, split)
     exp = build_experiment(config, image_shape_of(source))
-    _require_autoencoder(exp, mode)
     ckpt_step, state = restore_checkpoint(exp, workdir, step)
     return exp, ckpt_step, state, split
 

@@ -23,6 +23,7 @@ from diffusion_jax.networks.dit import DIT_SIZES, DiT, DiTBlock, dit_config, mak
 from diffusion_jax.networks.embeddings import (fourier_embedding, sincos_2d_posemb,
                                                sinusoidal_embedding, timestep_embedding)
 from diffusion_jax.networks.layers import AttnBlock, Downsample, ResBlock, Upsample
+from diffusion_jax.networks.mlp import TIME_CONDITIONINGS, MLPSkipNet
 from diffusion_jax.networks.partitioning import (DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES,
                                                  logical_param_specs, param_shardings)
 from diffusion_jax.networks.unet import Z_MODES, FeatureInfo, UNet
@@ -32,7 +33,7 @@ __all__ = [
     "Z_MODES", "DIT_SIZES", "dit_config", "make_dit", "sinusoidal_embedding", "fourier_embedding",
     "timestep_embedding", "sincos_2d_posemb", "DEFAULT_LOGICAL_AXIS_RULES", "LOGICAL_AXIS_NAMES",
     "logical_param_specs", "param_shardings", "make_apply_fn", "init_params", "abstract_variables",
-    "block_names",
+    "block_names", "MLPSkipNet", "TIME_CONDITIONINGS",
 ]
 
 

@@ -154,6 +154,19 @@ def _parse_global(argv):
         sys.exit(2)
 
 
+_KNOWN_WARNINGS = (
+    "OpenCV is not installed",                 # tfds: images are decoded with PIL instead
+    "setting save_interval_steps=0",           # Orbax: our read-only checkpoint reader
+    "Given directory is read only",
+)
+
+
+def _quiet_known_warnings(record) -> bool:
+    """Drops library warnings that need no action from the user (see _KNOWN_WARNINGS)."""
+    msg = record.getMessage()
+    return not any(k in msg for k in _KNOWN_WARNINGS)
+
+
 def _app_main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -161,6 +174,8 @@ def _app_main(argv):
     if "verbosity" in f and not f["verbosity"].present:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax is chatty at INFO
+        import logging
+        logging.getLogger("absl").addFilter(_quiet_known_warnings)
     try:
         execute(f.config, f.workdir, f.mode, step=f.step, progress=f.progress)
     except _user_errors() as e:

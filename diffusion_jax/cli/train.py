@@ -58,9 +58,12 @@ class _Progress:
         self.total, self.enabled = total, enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
+            import shutil
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            desc="train")
+            # A terminal reporting 0 columns (some ptys) would make tqdm print an empty bar.
+            cols = shutil.get_terminal_size((100, 20)).columns
+            self.bar = tqdm(total=total, initial=initial, unit="step", desc="train",
+                            ncols=cols if cols > 0 else 100)
 
     def step(self):
         if self.bar is not None:

@@ -66,7 +66,7 @@ def get_config():
     train = config.train
     train.num_steps = 1500
     train.log_every = 25
-    train.sample_every = 500
+    train.sample_every = 750
     train.checkpoint_every = 250
     train.keep = 2
     train.seed = 0

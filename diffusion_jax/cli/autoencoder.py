@@ -106,6 +106,11 @@ def generation_latents(exp: Experiment, n: int, seed: int, *, train_z=None, late
     return np.asarray(train_z)[idx], "z of training images (conditional samples)"
 
 
+def _clip(exp: Experiment) -> bool:
+    """config.sample.kwargs.clip_x0: DDIM with x0_hat clipped to [-1, 1] (inverted the same way)."""
+    return bool(exp.config.sample.kwargs.get("clip_x0", False))
+
+
 def reconstructions(exp: Experiment, state, images, z, *, steps: int, fixed_point_iters: int,
                     seed: int = 0) -> dict:
     """Reconstructions of `images` from (z, x_T = DDIM^{-1}(x0 | z)) and from (z, fresh noise),
@@ -116,11 +121,12 @@ def reconstructions(exp: Experiment, state, images, z, *, steps: int, fixed_poin
                                             stochastic_encode)
     eps_fn = decoder_eps_fn(exp, state)
     p = exp.process
+    clip = _clip(exp)
     x_t = stochastic_encode(eps_fn, p, images, z, num_steps=steps,
-                            fixed_point_iters=fixed_point_iters)
-    rec = np.asarray(reconstruct(eps_fn, p, z, x_t, num_steps=steps))
+                            fixed_point_iters=fixed_point_iters, clip_x0=clip)
+    rec = np.asarray(reconstruct(eps_fn, p, z, x_t, num_steps=steps, clip_x0=clip))
     rec_noise = np.asarray(reconstruct_from_noise(eps_fn, p, z, jax.random.PRNGKey(seed),
-                                                  exp.image_shape, num_steps=steps))
+                                                  exp.image_shape, num_steps=steps, clip_x0=clip))
     mse = lambda a: float(np.mean((np.clip(a, -1, 1) - images) ** 2))
     return {"x_T": np.asarray(x_t), "inverted": rec, "noise": rec_noise,
             "mse_inverted": mse(rec), "mse_noise": mse(rec_noise)}
@@ -133,12 +139,14 @@ def interpolations(exp: Experiment, state, images_a, images_b, z_a, z_b, *, step
     from diffusion_jax.autoencoders import interpolate, stochastic_encode
     eps_fn = decoder_eps_fn(exp, state)
     p = exp.process
+    clip = _clip(exp)
     xa = stochastic_encode(eps_fn, p, images_a, z_a, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters)
+                           fixed_point_iters=fixed_point_iters, clip_x0=clip)
     xb = stochastic_encode(eps_fn, p, images_b, z_b, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters)
+                           fixed_point_iters=fixed_point_iters, clip_x0=clip)
     w = np.linspace(0.0, 1.0, points)
-    return np.asarray(interpolate(eps_fn, p, (z_a, xa), (z_b, xb), w, num_steps=steps)), w
+    return np.asarray(interpolate(eps_fn, p, (z_a, xa), (z_b, xb), w, num_steps=steps,
+                                  clip_x0=clip)), w
 
 
 def _open(config, workdir: str, step, mode: str):
@@ -263,13 +271,14 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
     z = encode_images(exp, state, x0)
     eps_fn = decoder_eps_fn(exp, state)
     x_t = stochastic_encode(eps_fn, exp.process, x0, z, num_steps=r.inversion_steps,
-                            fixed_point_iters=r.fixed_point_iters)
+                            fixed_point_iters=r.fixed_point_iters, clip_x0=_clip(exp))
     rows = [x0]
     scales = tuple(float(s) for s in r.manipulate_scales)
     logits = []
     for s in scales:
         zs = manipulate(jnp.asarray(z), direction, s, stats)
-        x_s = np.asarray(reconstruct(eps_fn, exp.process, zs, x_t, num_steps=r.inversion_steps))
+        x_s = np.asarray(reconstruct(eps_fn, exp.process, zs, x_t, num_steps=r.inversion_steps,
+                                     clip_x0=_clip(exp)))
         rows.append(x_s)
         logits.append(float(np.mean(np.asarray(clf.logits(encode_images(exp, state, x_s))))))
     out_dir = os.path.join(workdir, "manipulations")

@@ -29,7 +29,7 @@ generate from (z, fresh noise), interpolate linearly in z and spherically in x_T
     manipulation.py    attribute manipulation with a linear classifier on normalised z  [separate module]
 """
 from diffusion_jax.autoencoders.encoders import ENCODERS, NORMS, ConvEncoder, LatentHead, SemanticEncoder
-from diffusion_jax.autoencoders.inference import (interpolate, reconstruct, reconstruct_from_noise, slerp,
+from diffusion_jax.autoencoders.inference import (clipped_eps_fn, interpolate, reconstruct, reconstruct_from_noise, slerp,
                                                   stochastic_encode)
 from diffusion_jax.autoencoders.latents import (LATENT_TYPES, LatentOutput, LatentStats, binary_code,
                                                 binary_kl, bit_entropy, bit_frequencies, bits_from_code,
@@ -45,7 +45,7 @@ from diffusion_jax.autoencoders.manipulation import (CLASSIFIERS, LinearClassifi
 from diffusion_jax.autoencoders.objective import autoencoder_loss, init_model_state, latent_statistics
 
 __all__ = [
-    "ENCODERS", "NORMS", "ConvEncoder", "LatentHead", "SemanticEncoder", "interpolate", "reconstruct",
+    "ENCODERS", "NORMS", "ConvEncoder", "LatentHead", "SemanticEncoder", "clipped_eps_fn", "interpolate", "reconstruct",
     "reconstruct_from_noise", "slerp", "stochastic_encode", "LATENT_TYPES", "LatentOutput", "LatentStats",
     "binary_code", "binary_kl", "bit_entropy", "bit_frequencies", "bits_from_code", "check_latent_type",
     "denormalize", "fit_latent_stats", "gaussian_kl", "gumbel_softmax", "latent_width", "normalize",

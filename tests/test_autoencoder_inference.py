@@ -21,7 +21,6 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from diffusion_jax import autoencoders as A  # noqa: E402
-from diffusion_jax.objectives import epsilon_loss  # noqa: E402
 from diffusion_jax.processes import get_process  # noqa: E402
 
 FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
@@ -120,7 +119,7 @@ def diffae_claim(steps: int = 300, batch: int = 64, lr: float = 2e-3, num_steps:
     loss_fn = A.autoencoder_loss(module, PROCESS)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), **FAST)
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt, x, key, encoder_on):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(p, {"x": x}, key)[0])(params)
         grads = {**grads, "encoder": jax.tree_util.tree_map(lambda g: encoder_on * g, grads["encoder"])}

@@ -162,9 +162,11 @@ def test_each_z_path_changes_the_output_and_only_when_on():
 def test_gumbel_softmax_hard_codes_are_exact_one_hots():
     logits = jnp.asarray(_rs.standard_normal((256, 5, 3)) * 3, jnp.float32)
     key = jax.random.PRNGKey(3)
-    for tau in (0.3, 1.0, 5.0):
-        hard = np.asarray(jax.jit(lambda k, l: A.gumbel_softmax(k, l, tau, hard=True))(key, logits))
-        soft = np.asarray(A.gumbel_softmax(key, logits, tau))
+    taus = (0.3, 1.0, 5.0)
+    codes = jax.jit(lambda k, l: [(A.gumbel_softmax(k, l, tau, hard=True), A.gumbel_softmax(k, l, tau))
+                                  for tau in taus])(key, logits)
+    for hard, soft in codes:
+        hard, soft = np.asarray(hard), np.asarray(soft)
         assert set(np.unique(hard)) == {0.0, 1.0}
         assert np.all(hard.sum(-1) == 1.0)
         np.testing.assert_array_equal(hard.argmax(-1), soft.argmax(-1))
@@ -336,6 +338,40 @@ def test_stateless_loss_three_argument_form():
     assert "model_state" not in aux and loss.shape == ()
     _, aux = jax.eval_shape(lambda p: loss_fn(p, {"x": X}, jax.random.PRNGKey(0), state), v["params"])
     assert jax.tree_util.tree_structure(aux["model_state"]) == jax.tree_util.tree_structure(state)
+
+
+def test_composes_with_a_stateful_base_loss():
+    """DMZ: BatchNorm encoder + improved DDPM's hybrid loss with loss-aware t sampling (its own state)."""
+    from diffusion_jax.objectives import hybrid_loss
+    module = A.make_dmz(bits=D, encoder_options={"ch": 8}, **TINY)
+    v = abstract_variables(module)
+    process = get_process("ddpm", beta_schedule="cosine")
+    loss_fn = A.autoencoder_loss(module, process, hybrid_loss, time_sampling="loss_aware")
+    assert loss_fn.stateful
+    state = A.init_model_state(module, v, loss_fn)
+    assert jax.tree_util.tree_leaves(state["encoder"]) and jax.tree_util.tree_leaves(state["objective"])
+    loss, aux = jax.eval_shape(lambda p, ms: loss_fn(p, {"x": X}, jax.random.PRNGKey(0), ms), v["params"], state)
+    assert loss.shape == () and {"vb", "kl", "bit_entropy", "diffusion_loss"} <= set(aux)
+    assert jax.tree_util.tree_structure(aux["model_state"]) == jax.tree_util.tree_structure(state)
+
+
+def test_traces_in_the_library_train_step():
+    """The training layer's stateful-loss protocol end to end (abstractly): init with model_state from
+    init_model_state, one train step carries the BatchNorm statistics and the loss history."""
+    from diffusion_jax import training as TR
+    from diffusion_jax.objectives import hybrid_loss
+    module = A.make_dmz(bits=D, encoder_options={"ch": 8}, **TINY)
+    process = get_process("ddpm", beta_schedule="cosine")
+    loss_fn = A.autoencoder_loss(module, process, hybrid_loss, time_sampling="loss_aware")
+    tx, schedule = TR.make_optimizer({"learning_rate": 1e-4})
+    init_fn = TR.make_init_fn(
+        lambda k: A.init_autoencoder(module, k, (S, S, C), unbox=False)["params"], tx,
+        init_model_state_fn=lambda k: A.init_model_state(module, A.init_autoencoder(module, k, (S, S, C)), loss_fn))
+    state = jax.eval_shape(lambda k: nn.unbox(init_fn(k)), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    step = TR.make_train_step(loss_fn, tx, schedule)
+    new, metrics = jax.eval_shape(step, state, {"x": X}, jax.random.PRNGKey(0))
+    assert jax.tree_util.tree_structure(new.model_state) == jax.tree_util.tree_structure(state.model_state)
+    assert {"encoder", "objective"} == set(new.model_state) and "bit_entropy" in metrics
 
 
 # --- errors ------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ generate from (z, fresh noise), interpolate linearly in z and spherically in x_T
     objective.py       autoencoder_loss (any base objective + kl_weight KL; BatchNorm statistics and the
                        base loss's state as model_state), init_model_state
     inference.py       stochastic_encode (DDIM inversion), reconstruct, reconstruct_from_noise, slerp,
-                       interpolate
+                       interpolate, clipped_eps_fn (x0 clipping in both directions)
     latent_sampler.py  the latent DDIM on normalised z (DiffAE's MLP with skips)    [separate module]
     manipulation.py    attribute manipulation with a linear classifier on normalised z  [separate module]
 """
 from diffusion_jax.autoencoders.encoders import ENCODERS, NORMS, ConvEncoder, LatentHead, SemanticEncoder
-from diffusion_jax.autoencoders.inference import (clipped_eps_fn, interpolate, reconstruct, reconstruct_from_noise, slerp,
-                                                  stochastic_encode)
+from diffusion_jax.autoencoders.inference import (clipped_eps_fn, interpolate, reconstruct,
+                                                  reconstruct_from_noise, slerp, stochastic_encode)
 from diffusion_jax.autoencoders.latents import (LATENT_TYPES, LatentOutput, LatentStats, binary_code,
                                                 binary_kl, bit_entropy, bit_frequencies, bits_from_code,
                                                 check_latent_type, denormalize, fit_latent_stats, gaussian_kl,
@@ -45,9 +45,9 @@ from diffusion_jax.autoencoders.manipulation import (CLASSIFIERS, LinearClassifi
 from diffusion_jax.autoencoders.objective import autoencoder_loss, init_model_state, latent_statistics
 
 __all__ = [
-    "ENCODERS", "NORMS", "ConvEncoder", "LatentHead", "SemanticEncoder", "clipped_eps_fn", "interpolate", "reconstruct",
-    "reconstruct_from_noise", "slerp", "stochastic_encode", "LATENT_TYPES", "LatentOutput", "LatentStats",
-    "binary_code", "binary_kl", "bit_entropy", "bit_frequencies", "bits_from_code", "check_latent_type",
+    "ENCODERS", "NORMS", "ConvEncoder", "LatentHead", "SemanticEncoder", "clipped_eps_fn", "interpolate",
+    "reconstruct", "reconstruct_from_noise", "slerp", "stochastic_encode", "LATENT_TYPES", "LatentOutput",
+    "LatentStats", "binary_code", "binary_kl", "bit_entropy", "bit_frequencies", "bits_from_code", "check_latent_type",
     "denormalize", "fit_latent_stats", "gaussian_kl", "gumbel_softmax", "latent_width", "normalize",
     "sample_binary_prior", "DiffusionAutoencoder", "check_z_conditioning", "decoder_apply_fn", "decoder_eps_fn",
     "encode_fn", "has_batch_stats", "init_autoencoder", "make_diffae", "make_dmz", "autoencoder_loss",

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.autoencoders.encoders import ENCODERS, ConvEncoder, SemanticEncoder
+from diffusion_jax.autoencoders.encoders import ENCODERS
 from diffusion_jax.autoencoders.latents import LatentOutput, check_latent_type
 from diffusion_jax.networks.unet import Z_MODES, UNet
 from diffusion_jax.processes.predictions import as_eps_fn
@@ -266,5 +266,5 @@ def has_batch_stats(module: DiffusionAutoencoder, image_shape) -> bool:
     return bool(jax.tree_util.tree_leaves(abstract.get("batch_stats", {})))
 
 
-__all__ = ["DiffusionAutoencoder", "ConvEncoder", "SemanticEncoder", "check_z_conditioning", "decoder_apply_fn",
+__all__ = ["DiffusionAutoencoder", "check_z_conditioning", "decoder_apply_fn",
            "decoder_eps_fn", "encode_fn", "has_batch_stats", "init_autoencoder", "make_diffae", "make_dmz"]

@@ -86,7 +86,7 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
             variables["batch_stats"] = enc_stats
         lat, new_stats = encode(variables, x0, train=True, rng=k_enc)
 
-        inner = {k: v for k, v in batch.items() if k in ("t", "t_weight")}
+        inner = {k: v for k, v in batch.items() if k in ("t", "t_index", "t_weight")}
         inner.update(x=x0, cond={**(cond or {}), "z": lat.z})
         if base_stateful:
             base_loss, aux = base(params, inner, k_base, obj_state if given else None)

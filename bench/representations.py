@@ -450,7 +450,8 @@ def main():
     ap.add_argument("--gen_steps", default=",".join(map(str, GEN_STEPS)))
     ap.add_argument("--num_rec", type=int, default=128, help="test images reconstructed")
     ap.add_argument("--latent_steps", type=int, default=1500, help="DiffAE latent DDIM steps")
-    ap.add_argument("--classifier_steps", type=int, default=1500)
+    ap.add_argument("--classifier_steps", type=int, default=1000,
+                    help="train steps of the feature classifier (batch 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="retrain even if a finished run exists")
     ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, few samples")

@@ -469,8 +469,15 @@ def main():
         args.out = args.out.replace(".json", "_quick.json")
     t0 = time.time()
     log = lambda msg: print(msg, flush=True)
-    results = [run_dataset(d, args, log) for d in datasets]
+    results = []
+    for d in datasets:  # the JSON is rewritten after each dataset, so a late failure keeps the rest
+        results.append(run_dataset(d, args, log))
+        meta = write_results(args, results, t0)
     print_tables(results)
+    print(f"\nwrote {args.out} ({meta['seconds']:.0f} s)")
+
+
+def write_results(args, results: list[dict], t0: float) -> dict:
     meta = {"jax": jax.__version__, "device": str(jax.devices()[0]),
             "num_devices": jax.device_count(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
@@ -479,7 +486,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1,
                   default=lambda o: np.asarray(o).tolist())
-    print(f"\nwrote {args.out} ({meta['seconds']:.0f} s)")
+    return meta
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ prior, builds the grid, runs the jitted sampler and checks its output.
     unipc.py               UniPC (bh2)
     guidance.py            classifier-free and classifier guidance wrappers
     grids.py               time-step spacings
+    optimized_grid.py      time grids fitted to a sampler and denoiser (`optimize_time_grid`)
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from diffusion_jax.sampling.common import (
 )
 from diffusion_jax.sampling.ddim import ddim, ddim_invert
 from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
-from diffusion_jax.sampling.grids import SPACINGS, time_grid
+from diffusion_jax.sampling.grids import SPACINGS, check_grid, time_grid
+from diffusion_jax.sampling.optimized_grid import GridFit, optimize_time_grid
 from diffusion_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
 from diffusion_jax.sampling.ode import adaptive, euler, heun
 from diffusion_jax.sampling.sde import euler_maruyama, predictor_corrector
@@ -82,18 +84,23 @@ def _run(name, eps_fn, process, x, ts, cond, key, denoise_final, options):
 def sample(name: str, eps_fn: Callable, process: Process, key, shape, *, num_steps: int = 20,
            spacing: str | None = None, cond: Any = None, x_init=None, t_start: float | None = None,
            t_end: float | None = None, denoise_final: bool = False, check: bool = True,
-           **options) -> SamplerOutput:
+           ts=None, **options) -> SamplerOutput:
     """Draws x_T ~ prior (or takes x_init), runs sampler `name` on an N-step grid and returns its output.
 
     The call is jitted once per (sampler, eps_fn, process, shapes, options); `key` seeds both the prior
     draw and the sampler's noise, so the same key gives the same samples. With check=True the
     denoiser's output shape is checked first and non-finite states raise FloatingPointError.
+    `ts` (a decreasing grid, e.g. `optimize_time_grid(...).ts`) replaces num_steps/spacing/t_start/t_end.
     """
     spec = get_sampler(name)
     spacing = spec.default_spacing if spacing is None else spacing
     if name == "adaptive":
         num_steps = 1
-    ts = time_grid(process, num_steps, spacing, t_start=t_start, t_end=t_end)
+    if ts is None:
+        ts = time_grid(process, num_steps, spacing, t_start=t_start, t_end=t_end)
+    else:
+        ts = check_grid(process, ts)
+        t_start = float(ts[0])
     k_prior, k_sampler = jax.random.split(key)
     if x_init is None:
         x = process.prior_sample(k_prior, tuple(shape))
@@ -119,7 +126,7 @@ def steps_for_nfe(name: str, nfe: int) -> int:
 
 
 __all__ = [
-    "SAMPLERS", "SPACINGS", "SamplerOutput", "SamplerSpec", "adaptive", "ancestral", "classifier_free_guidance",
+    "GridFit", "SAMPLERS", "SPACINGS", "SamplerOutput", "SamplerSpec", "adaptive", "ancestral", "classifier_free_guidance",
     "classifier_guidance", "ddim", "ddim_invert", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "euler", "euler_maruyama",
-    "get_sampler", "heun", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
+    "check_grid", "get_sampler", "heun", "optimize_time_grid", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
 ]

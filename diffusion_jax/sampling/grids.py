@@ -42,3 +42,14 @@ def time_grid(process: Process, num_steps: int, spacing: str = "uniform", *, t_s
         ts = process.t_from_edm_sigma(sig)
     # Pin the end points exactly (the inverse maps are accurate only to rounding).
     return ts.at[0].set(t_start).at[-1].set(t_end)
+
+
+def check_grid(process: Process, ts) -> jnp.ndarray:
+    """Validates an explicit time grid: 1-D, at least two times, strictly decreasing, inside the process range."""
+    ts = jnp.asarray(ts, as_time(0.0).dtype)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"a time grid must be 1-D with at least 2 times, got shape {ts.shape}")
+    if not bool(jnp.all(jnp.diff(ts) < 0)):
+        raise ValueError(f"a time grid must be strictly decreasing, got {ts}")
+    process.check_t(ts, "time grid")
+    return ts

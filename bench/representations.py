@@ -63,7 +63,7 @@ from diffusion_jax.cli.experiment import (build_experiment, generate, image_shap
                                           make_eps_fn, open_split, restore_checkpoint,
                                           sampling_params)
 from diffusion_jax.cli.probe import pca_features, probe_table, score_features
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 from diffusion_jax.evaluation import frechet_distance, kernel_distance, train_feature_classifier
 from diffusion_jax.reports import image_grid
 from diffusion_jax.training import read_metrics

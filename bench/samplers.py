@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax import processes
 from diffusion_jax.reference import metrics, mixtures

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import config_validation as cv
+from diffusion_jax import config as cv
 from diffusion_jax import training as T
 from diffusion_jax.networks import UNet, init_params, make_apply_fn
 from diffusion_jax.objectives import epsilon_loss
@@ -122,8 +122,8 @@ def jax_bench(config, image_shape, batch: int, warmup: int, steps: int, repeats:
     dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
     module = UNet(**fields, dtype=dtype)
     apply_fn = make_apply_fn(module)
-    process = get_process(config.process.name, **cv._kwargs_dict(config.process.kwargs))  # pylint: disable=protected-access
-    okw = cv._kwargs_dict(config.objective.kwargs)  # pylint: disable=protected-access
+    process = get_process(config.process.name, **cv.kwargs_dict(config.process.kwargs))
+    okw = cv.kwargs_dict(config.objective.kwargs)
     loss_fn = epsilon_loss(process, apply_fn, train=True, **okw)
     h, w, c = image_shape
 
@@ -342,7 +342,7 @@ def torch_bench(torch, config, image_shape, batch: int, warmup: int, steps: int,
         opt.step()
         with torch.no_grad():
             for d, ema in zip(config.ema.decays, emas):
-                torch._foreach_lerp_(ema, params, 1.0 - float(d))  # pylint: disable=protected-access
+                torch._foreach_lerp_(ema, params, 1.0 - float(d))
         return loss
 
     def sync():

@@ -9,7 +9,7 @@ those blocks; `--mode=probe` writes the accuracy table and the (t, block) heat m
 """
 import os
 
-from diffusion_jax.config_validation import load_file
+from diffusion_jax.config import load_file
 
 
 def get_config():

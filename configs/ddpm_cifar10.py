@@ -17,7 +17,7 @@ FID 3.17, IS 9.46); /work/shared/reference/baselines.md, "Networks".
 CIFAR-10 must be prepared once (`tfds build cifar10 --file_format=array_record`, needs TensorFlow
 and internet); without it training fails at once with the exact command to run.
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -21,7 +21,7 @@ Not a paper configuration (configs/diffae_ffhq64.py is): sizes and rates are cho
               process alpha(t_max) = 0.0084, so an unclipped x0_hat amplifies the eps error ~120x
               in the first steps)
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

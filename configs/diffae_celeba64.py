@@ -5,7 +5,7 @@ CelebA must be prepared once (`tfds build celeb_a --file_format=array_record`).
 """
 import os
 
-from diffusion_jax.config_validation import load_file
+from diffusion_jax.config import load_file
 
 
 def get_config():

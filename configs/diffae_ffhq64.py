@@ -19,7 +19,7 @@ FFHQ is read through tfds (`tfds:ffhq`, prepared once with `tfds build ffhq
 --file_format=array_record`, manual download) and resized to 64x64 by the pipeline; use
 `--config.data.name=folder:<dir of PNGs>` for an image folder instead.
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ trains L_simple only (eps prediction, fixed variance), and samples with ancestra
 250-step respaced grid without guidance (set `--config.sample.guidance_scale=1.5` for the
 paper's CFG scale).
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 from diffusion_jax.networks import DIT_SIZES
 
 

@@ -10,7 +10,7 @@ centre-cropped and resized to 64x64 by the data pipeline.
 """
 import os
 
-from diffusion_jax.config_validation import load_file
+from diffusion_jax.config import load_file
 
 
 def get_config():

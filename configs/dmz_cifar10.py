@@ -18,7 +18,7 @@ Autoencoders for Efficient Generation and Representation Learning"; exlab-resear
 The authors' script trains until stopped (lr_anneal_steps 0); train.num_steps = 500k is ours.
 CIFAR-10 must be prepared once (`tfds build cifar10 --file_format=array_record`).
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 
 def get_config():

@@ -30,7 +30,7 @@ FID 1.97 unconditional.
 Not modelled: EDM's non-leaking augmentation pipeline (--augment 0.12 with augment labels), the
 positional embedding's exact frequency layout, the [1, 1] resample filter (conv resampling here).
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 BATCH = 512
 MIMG = 1_000_000

@@ -27,7 +27,7 @@ sigma_max = 50 was chosen; the sheet's sigma_max 50 is kept.
 """
 import math
 
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 VARIANTS = ("", "deep")
 SIGMA_MIN, SIGMA_MAX = 0.01, 50.0

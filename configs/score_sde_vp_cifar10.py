@@ -23,7 +23,7 @@ n_jitted_steps (a speed option). The stored copy of the upstream default_cifar10
 batch_size 2 with 128 commented out (a debugging edit); the paper and the other copies
 (score_sde_pytorch, forks) use 128, kept here.
 """
-from diffusion_jax.config_validation import base_config
+from diffusion_jax.config import base_config
 
 VARIANTS = ("", "deep")
 

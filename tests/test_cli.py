@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import cli
-from diffusion_jax import config_validation as cv
+from diffusion_jax import config as cv
 from diffusion_jax.data import DatasetNotPreparedError
 from diffusion_jax.reports.metrics_writer import read_scalars
 

@@ -11,7 +11,7 @@ import os
 import ml_collections
 import pytest
 
-from diffusion_jax import config_validation as cv
+from diffusion_jax import config as cv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -42,7 +42,7 @@ def test_every_config_loads_validates_and_locks(spec):
     # Every section of the schema is present and the docstring cites a source.
     assert set(config.keys()) == set(cv.SCHEMA)
     path = spec.split(":")[0]
-    doc = cv._load_module(path).__doc__  # noqa: SLF001
+    doc = cv.loading._load_module(path).__doc__  # noqa: SLF001
     assert doc and len(doc) > 200
     # JSON round trip (what a checkpoint stores) gives back the same config.
     again = cv.from_dict(json.loads(json.dumps(config.to_dict())))

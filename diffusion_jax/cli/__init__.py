@@ -22,7 +22,7 @@ autoencoder) described by a config file.
 `--config` is an ml-collections config file (`configs/*.py`, `path.py:variant` passes a variant
 to `get_config`); every field can be overridden with `--config.<section>.<field>=<value>`
 (tuples as strings: `--config.model.ch_mult='(1, 2)'`). The config is validated on load
-(`diffusion_jax.config_validation`): a misspelled field is named with the closest valid name.
+(`diffusion_jax.config`): a misspelled field is named with the closest valid name.
 In every mode but train `--config` may be left out: the config saved with the checkpoint is used.
 
 workdir layout:
@@ -56,7 +56,7 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import config_validation as cv
+from diffusion_jax import config as cv
 from diffusion_jax.cli.experiment import CLIError, maybe_initialize_distributed, saved_config
 
 MODES = ("train", "sample", "eval", "report", "probe", "encode", "reconstruct", "interpolate",

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from diffusion_jax import config_validation as cv
+from diffusion_jax import config as cv
 
 
 class CLIError(RuntimeError):

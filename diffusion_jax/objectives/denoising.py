@@ -204,10 +204,10 @@ def score_matching_loss(process: Process, apply_fn: ApplyFn, *, weighting: str =
         if time_sampling != "uniform":
             raise ValueError(f"importance_sampling=True draws its own times; got time_sampling={time_sampling!r}")
         time_sampling = "importance"
-    net = apply_fn
-    if prediction == "eps":
-        def net(params, x, t, cond=None, *, train=False, rng=None):
-            eps_hat = apply_fn(params, x, t, cond, train=train, rng=rng).astype(jnp.float32)
-            return -eps_hat / bcast(process.sigma(as_time(t)), x)
+    def score_from_eps(params, x, t, cond=None, *, train=False, rng=None):
+        eps_hat = apply_fn(params, x, t, cond, train=train, rng=rng).astype(jnp.float32)
+        return -eps_hat / bcast(process.sigma(as_time(t)), x)
+
+    net = score_from_eps if prediction == "eps" else apply_fn
     return denoising_loss(process, net, prediction="score", weighting=weighting, time_sampling=time_sampling,
                           **options)

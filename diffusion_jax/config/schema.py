@@ -1,0 +1,434 @@
+"""The config schema: every section's fields with their types, defaults and checks, the objectives'
+options, and `base_config()`, a complete config at its defaults. Checking lives in `validate.py`,
+loading and overrides in `loading.py`."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config does not match the schema; the message names the field (config.section.field)."""
+
+
+# ----------------------------------------------------------------------------------- fields
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: its type, default and constraints.
+
+    type: int, float, bool, str, or tuple (then `item` is the element type, None = any).
+    optional: None is allowed (stored as a typed `placeholder` so that overrides still work).
+    choices: allowed values (a tuple, or a zero-argument callable returning one).
+    check: callable(value) -> error message or None, for ranges and the like.
+    """
+    type: type
+    default: Any = None
+    optional: bool = False
+    choices: Any = None
+    item: Any = None
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+    finite: bool = True              # floats: reject inf / nan
+
+    def valid_choices(self) -> tuple | None:
+        c = self.choices() if callable(self.choices) else self.choices
+        return None if c is None else tuple(c)
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _unit(v):
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+PRECISIONS = ("float32", "bfloat16")
+MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from diffusion_jax.data import known_datasets  # pylint: disable=import-outside-toplevel
+    return tuple(known_datasets())
+
+
+def _process_names() -> tuple[str, ...]:
+    from diffusion_jax.processes import PROCESSES  # pylint: disable=import-outside-toplevel
+    return tuple(sorted(PROCESSES))
+
+
+def _sampler_names() -> tuple[str, ...]:
+    from diffusion_jax.sampling import SAMPLERS  # pylint: disable=import-outside-toplevel
+    return tuple(sorted(SAMPLERS))
+
+
+def _spacings() -> tuple[str, ...]:
+    from diffusion_jax.sampling import SPACINGS  # pylint: disable=import-outside-toplevel
+    return tuple(SPACINGS)
+
+
+# The networks' configurable fields (a subset of the Flax modules' attributes; dtype comes from
+# train.precision). tests/test_configs.py checks that each is a real attribute of the module.
+_TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+UNET_FIELDS: dict[str, Field] = {
+    "ch": Field(int, 128, check=_positive, doc="base channels"),
+    "ch_mult": Field(tuple, (1, 2, 2, 2), item=int, doc="channel multiplier per resolution"),
+    "num_res_blocks": Field(int, 2, check=_positive),
+    "attn_resolutions": Field(tuple, (16,), item=int),
+    "dropout": Field(float, 0.1, check=_unit),
+    "time_embedding": Field(str, "sinusoidal", choices=_TIME_EMBEDDINGS),
+    "time_scale": Field(float, 1000.0, doc="the embedding sees time_scale * t"),
+    "fourier_scale": Field(float, 16.0),
+    "num_classes": Field(int, None, optional=True, doc="class-conditional when set"),
+    "resblock_updown": Field(bool, False),
+    "resample_with_conv": Field(bool, True),
+    "num_heads": Field(int, 1, check=_positive),
+    "head_dim": Field(int, None, optional=True),
+    "scale_shift_norm": Field(bool, False),
+    "skip_rescale": Field(bool, False),
+}
+DIT_FIELDS: dict[str, Field] = {
+    "patch_size": Field(int, 2, check=_positive),
+    "hidden_size": Field(int, 384, check=_positive),
+    "depth": Field(int, 12, check=_positive),
+    "num_heads": Field(int, 6, check=_positive),
+    "mlp_ratio": Field(float, 4.0, check=_positive),
+    "num_classes": Field(int, None, optional=True),
+    "dropout": Field(float, 0.0, check=_unit),
+    "time_embedding": Field(str, "sinusoidal", choices=_TIME_EMBEDDINGS),
+    "time_scale": Field(float, 1000.0),
+    "fourier_scale": Field(float, 16.0),
+    "frequency_dim": Field(int, 256, check=_positive),
+}
+MODEL_TYPES = ("unet", "dit")
+MODEL_FIELDS: dict[str, dict[str, Field]] = {"unet": UNET_FIELDS, "dit": DIT_FIELDS}
+
+
+# Objectives: name -> (factory path, prediction of the network, {kwarg: Field}).
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    factory: str                       # attribute of diffusion_jax.objectives
+    prediction: str                    # network output: 'eps', 'x0', 'v', 'score' or 'edm'
+    kwargs: Mapping[str, Field]
+    takes_process: bool = True
+
+    def get_factory(self) -> Callable:
+        from diffusion_jax import objectives  # pylint: disable=import-outside-toplevel
+        return getattr(objectives, self.factory)
+
+
+_REDUCE = Field(str, "mean", choices=("mean", "sum"), doc="over pixels: mean, or sum (score_sde "
+                                                           "reduce_mean=False, EDM)")
+_DENOISING_KW = {
+    "weighting": Field(str, "none"),
+    "min_snr_gamma": Field(float, 5.0, check=_positive),
+    "time_sampling": Field(str, "uniform"),
+    "discrete": Field(bool, None, optional=True,
+                      doc="integer DDPM timesteps (default: iff the process is 'ddpm')"),
+    "reduce": _REDUCE,
+    "input_perturbation": Field(float, 0.0, check=_non_negative,
+                                doc="DDPM-IP's gamma: x_t = alpha x0 + sigma (eps + gamma xi)"),
+}
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "eps": ObjectiveSpec("epsilon_loss", "eps", _DENOISING_KW),
+    "x0": ObjectiveSpec("x0_loss", "x0", _DENOISING_KW),
+    "v": ObjectiveSpec("v_loss", "v", _DENOISING_KW),
+    "dsm": ObjectiveSpec("score_matching_loss", "score", {
+        "weighting": Field(str, "sigma2"),
+        "importance_sampling": Field(bool, False),
+        "prediction": Field(str, "score", choices=("score", "eps")),
+        "time_sampling": Field(str, "uniform"),
+        "discrete": Field(bool, None, optional=True),
+        "reduce": _REDUCE,
+    }),
+    "hybrid": ObjectiveSpec("hybrid_loss", "eps", {
+        "vb_weight": Field(float, 0.001, check=_non_negative,
+                           doc="lambda of L_simple + lambda L_vb (improved DDPM)"),
+        "num_timesteps": Field(int, None, optional=True, check=_positive,
+                               doc="None: the DDPM process' T"),
+        "input_perturbation": Field(float, 0.0, check=_non_negative, doc="DDPM-IP's gamma"),
+        "time_sampling": Field(str, "uniform", choices=("uniform", "loss_aware"),
+                               doc="'loss_aware': improved DDPM's loss-second-moment sampler"),
+        "history_per_bucket": Field(int, 10, check=_positive),
+        "uniform_prob": Field(float, 0.001, check=_unit),
+        "reduce": _REDUCE,
+    }),
+    "edm": ObjectiveSpec("edm_loss", "edm", {
+        "sigma_data": Field(float, 0.5, check=_positive),
+        "p_mean": Field(float, -1.2),
+        "p_std": Field(float, 1.2, check=_positive),
+        "reduce": _REDUCE,
+    }, takes_process=False),
+}
+
+
+def objective_prediction(objective_cfg) -> str:
+    """What the network predicts under this objective ('eps', 'x0', 'v', 'score' or 'edm')."""
+    spec = OBJECTIVES[objective_cfg.name]
+    if objective_cfg.name == "dsm":
+        return objective_cfg.kwargs.get("prediction", "score")
+    return spec.prediction
+
+
+# ---------------------------------------------------------------------------------- schema
+def _mesh_shape_check(v):
+    if len(v) != 3:
+        return f"needs one size per mesh axis {MESH_AXIS_NAMES}, got {len(v)}"
+    if list(v).count(-1) > 1:
+        return "at most one size may be -1"
+    if any(s == 0 or s < -1 for s in v):
+        return "sizes must be positive or -1"
+    return None
+
+
+def _axis_names_check(v):
+    if tuple(v) != MESH_AXIS_NAMES:
+        return f"the training layer's mesh axes are {MESH_AXIS_NAMES} (in this order)"
+    return None
+
+
+def _rules_check(v):
+    for r in v:
+        if not isinstance(r, (tuple, list)) or len(r) != 2 or not isinstance(r[0], str):
+            return ("must be a tuple of (logical_name, mesh_axes) pairs, e.g. "
+                    "(('embed', 'fsdp'), ('mlp', 'tensor'))")
+    return None
+
+
+def _betas_check(v):
+    if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+        return "must be two floats (b1, b2) in [0, 1)"
+    return None
+
+
+def _decays_check(v):
+    bad = [d for d in v if not (isinstance(d, (int, float)) and 0.0 <= d < 1.0)]
+    return None if not bad else f"EMA decays must be in [0, 1), got {bad}"
+
+
+AUTOENCODER_KINDS = ("none", "diffae", "dmz")
+ENCODER_TYPES = ("semantic", "conv")
+LATENT_TYPES = ("continuous", "gaussian", "binary")
+
+
+def _z_modes_check(v):
+    from diffusion_jax.networks.unet import Z_MODES  # pylint: disable=import-outside-toplevel
+    bad = [m for m in v if m not in Z_MODES]
+    if bad:
+        return f"unknown z-conditioning modes {bad}; valid: {Z_MODES}"
+    if not v:
+        return "needs at least one mode"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "data": {
+        "name": Field(str, "digits/16",
+                      doc="diffusion_jax.data.known_datasets(); also folder:<path>, tfds:<name>"),
+        "image_size": Field(int, None, optional=True, check=_positive,
+                            doc="centre-crop + resize to this size; None: the stored size"),
+        "batch_size": Field(int, 128, check=_positive, doc="global batch per train_step call"),
+        "random_flip": Field(bool, False),
+        "data_dir": Field(str, None, optional=True, doc="tfds data dir; None: $TFDS_DATA_DIR or "
+                                                        "~/tensorflow_datasets"),
+    },
+    "model": {"type": Field(str, "unet", choices=MODEL_TYPES)},   # + MODEL_FIELDS[type]
+    "process": {"name": Field(str, "vp", choices=_process_names)},  # + kwargs
+    "objective": {
+        "name": Field(str, "eps", choices=tuple(OBJECTIVES)),         # + kwargs
+        "label_dropout": Field(float, 0.0, check=_unit,
+                               doc="probability of replacing the label by the null class"),
+    },
+    "optim": {
+        "learning_rate": Field(float, 2e-4, check=_positive),
+        "betas": Field(tuple, (0.9, 0.999), item=float, check=_betas_check,
+                       doc="Adam's (b1, b2)"),
+        "eps": Field(float, 1e-8, check=_positive),
+        "weight_decay": Field(float, 0.0, check=_non_negative),
+        "warmup_steps": Field(int, 0, check=_non_negative),
+        "schedule": Field(str, "constant", choices=("constant", "cosine")),
+        "end_lr_factor": Field(float, 0.0, check=_non_negative),
+        "grad_clip": Field(float, 1.0, check=_non_negative, doc="global-norm clip; 0 = off"),
+        "grad_accum": Field(int, 1, check=_positive),
+    },
+    "ema": {
+        "decays": Field(tuple, (0.9999,), item=float, check=_decays_check),
+        "warmup": Field(bool, False, doc="decay min(d, (1 + n) / (10 + n)) at update n"),
+        "halflife_mimg": Field(float, None, optional=True, check=_positive,
+                               doc="EDM: EMA half-life in millions of images; sets decays"),
+    },
+    "train": {
+        "num_steps": Field(int, 1000, check=_positive),
+        "log_every": Field(int, 100, check=_positive),
+        "sample_every": Field(int, 0, check=_non_negative, doc="0: never during training"),
+        "checkpoint_every": Field(int, 1000, check=_non_negative, doc="0: only at the end"),
+        "keep": Field(int, 3, check=_positive, doc="checkpoints kept"),
+        "seed": Field(int, 0),
+        "precision": Field(str, "float32", choices=PRECISIONS, doc="network compute dtype"),
+    },
+    "mesh": {
+        "shape": Field(tuple, (-1, 1, 1), item=int, check=_mesh_shape_check),
+        "axis_names": Field(tuple, MESH_AXIS_NAMES, item=str, check=_axis_names_check),
+        "logical_axis_rules": Field(tuple, None, optional=True, check=_rules_check),
+    },
+    "sample": {
+        "sampler": Field(str, "dpmpp_2m", choices=_sampler_names),
+        "num_steps": Field(int, 50, check=_positive),
+        "spacing": Field(str, None, optional=True, choices=_spacings,
+                         doc="None: the sampler's default spacing"),
+        "num_samples": Field(int, 64, check=_positive),
+        "batch_size": Field(int, 256, check=_positive, doc="samples per sampler call"),
+        "t_end": Field(float, None, optional=True, check=_positive,
+                       doc="last time of the grid; None: the process' t_min"),
+        "denoise_final": Field(bool, False),
+        "guidance_scale": Field(float, 1.0, doc="classifier-free guidance; 1 = plain conditional"),
+        "use_ema": Field(bool, True),
+        "seed": Field(int, 0),
+    },
+    "eval": {
+        "split": Field(str, "test"),
+        "batch_size": Field(int, None, optional=True, check=_positive,
+                            doc="None: data.batch_size"),
+        "num_batches": Field(int, 0, check=_non_negative, doc="0: the whole split"),
+        "bpd": Field(bool, False,
+                     doc="also bits/dim through the PF-ODE (diffusion_jax.likelihood)"),
+        "bpd_num_examples": Field(int, 64, check=_positive),
+        "bpd_repeats": Field(int, 1, check=_positive),
+    },
+    "autoencoder": {
+        "kind": Field(str, "none", choices=AUTOENCODER_KINDS,
+                      doc="'none': a plain diffusion model; 'diffae' / 'dmz': a diffusion "
+                          "autoencoder whose decoder is config.model (a UNet)"),
+        "encoder": Field(str, None, optional=True, choices=ENCODER_TYPES,
+                         doc="'semantic' (half-UNet + pooling) | 'conv' (DMZ); None: the kind's"),
+        "latent": Field(str, None, optional=True, choices=LATENT_TYPES,
+                        doc="'continuous' | 'gaussian' | 'binary'; None: the kind's"),
+        "z_dim": Field(int, None, optional=True, check=_positive,
+                       doc="latent size (binary: number of bits); None: 512 diffae, 16 dmz"),
+        "z_conditioning": Field(tuple, None, optional=True, item=str, check=_z_modes_check,
+                                doc="subset of networks.Z_MODES; None: the kind's"),
+        "encoder_ch": Field(int, None, optional=True, check=_positive, doc="None: model.ch"),
+        "encoder_ch_mult": Field(tuple, None, optional=True, item=int,
+                                 doc="semantic encoder levels; None: model.ch_mult"),
+        "encoder_num_res_blocks": Field(int, None, optional=True, check=_positive,
+                                        doc="None: model.num_res_blocks"),
+        "encoder_attn_resolutions": Field(tuple, None, optional=True, item=int,
+                                          doc="None: model.attn_resolutions"),
+        "norm": Field(str, "batch", choices=("batch", "group"), doc="conv encoder's norm"),
+        "kl_weight": Field(float, 0.0, check=_non_negative, doc="gaussian latents' KL weight"),
+        "tau": Field(float, 1.0, check=_positive, doc="Gumbel-softmax temperature"),
+        "prior": Field(str, "bernoulli", choices=("bernoulli", "empirical"),
+                       doc="binary latents for generation: Bernoulli(0.5) or per-bit frequencies"),
+    },
+    "latent_sampler": {
+        "num_steps": Field(int, 0, check=_non_negative,
+                           doc="train steps of DiffAE's latent DDIM after the autoencoder; 0: off"),
+        "num_layers": Field(int, 10, check=_positive),
+        "hidden": Field(int, 2048, check=_positive),
+        "batch_size": Field(int, 512, check=_positive),
+        "learning_rate": Field(float, 1e-4, check=_positive),
+        "loss": Field(str, "l1", choices=("l1", "l2")),
+        "sample_steps": Field(int, 50, check=_positive),
+    },
+    "readout": {
+        "timesteps": Field(tuple, (0.02, 0.1, 0.3), item=float,
+                           doc="noise levels t of the (t, block) feature sweep"),
+        "blocks": Field(tuple, (), item=str, doc="sown block names; (): every block"),
+        "num_train": Field(int, 0, check=_non_negative, doc="probe train examples; 0: all"),
+        "num_test": Field(int, 0, check=_non_negative, doc="probe test examples; 0: all"),
+        "knn_k": Field(int, 20, check=_positive),
+    },
+    "report": {
+        "enabled": Field(bool, True, doc="write report.md/html (samples, reconstructions, "
+                                         "interpolations, loss, probes) after training"),
+        "num_reconstructions": Field(int, 16, check=_positive),
+        "num_interpolations": Field(int, 4, check=_positive),
+        "interpolation_points": Field(int, 8, check=_positive),
+        "inversion_steps": Field(int, 50, check=_positive, doc="DDIM steps of x0 -> x_T"),
+        "fixed_point_iters": Field(int, 2, check=_non_negative,
+                                   doc="refinements per DDIM-inversion step"),
+        "probe": Field(bool, True, doc="the probe table (raw pixels, PCA, readouts, latents)"),
+        "manipulate_target": Field(int, 1, check=_non_negative,
+                                   doc="--mode=manipulate: the label to move images towards"),
+        "manipulate_scales": Field(tuple, (0.0, 0.3, 0.6, 0.9), item=float,
+                                   doc="s of z + s sqrt(D) w / ||w|| (DiffAE: 0.3)"),
+    },
+    "distributed": {
+        "coordinator_address": Field(str, None, optional=True),
+        "num_processes": Field(int, None, optional=True, check=_positive),
+        "process_id": Field(int, None, optional=True, check=_non_negative),
+    },
+}
+_KWARGS_SECTIONS = ("process", "objective", "sample")
+
+
+# ------------------------------------------------------------------------------- defaults
+def _value(field: Field):
+    if field.default is None:
+        return config_dict.placeholder(field.type)
+    return field.default
+
+
+def base_config(model_type: str = "unet", process: str = "vp", objective: str = "eps"
+                ) -> ml_collections.ConfigDict:
+    """A complete config with every field at its default (unlocked; edit, then `validate`)."""
+    if model_type not in MODEL_FIELDS:
+        raise ConfigError(_unknown_name("model type", model_type, MODEL_TYPES))
+    c = ml_collections.ConfigDict()
+    for section, fields in SCHEMA.items():
+        sec = ml_collections.ConfigDict()
+        for name, field in fields.items():
+            setattr(sec, name, _value(field))
+        setattr(c, section, sec)
+    c.model.type = model_type
+    for name, field in MODEL_FIELDS[model_type].items():
+        setattr(c.model, name, _value(field))
+    c.process.name = process
+    c.process.kwargs = ml_collections.ConfigDict()
+    c.objective.name = objective
+    c.objective.kwargs = ml_collections.ConfigDict()
+    c.sample.kwargs = ml_collections.ConfigDict()
+    return c
+
+
+def ema_decay_from_halflife(halflife_mimg: float, batch_size: int) -> float:
+    """EDM's per-step EMA decay: beta = 0.5 ** (batch_size / (halflife_mimg * 1e6)), i.e. the
+    weight of a parameter snapshot halves every `halflife_mimg` million training images."""
+    return float(0.5 ** (batch_size / (halflife_mimg * 1e6)))
+
+
+# ------------------------------------------------------------------------------ messages
+def suggest(name: str, valid: Iterable[str]) -> str | None:
+    """The closest valid name (difflib), or None."""
+    m = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _unknown_field(path: str, name: str, valid: Iterable[str]) -> str:
+    valid = sorted(valid)
+    s = suggest(name, valid)
+    hint = f"did you mean {s!r}? " if s else ""
+    return f"config.{path}: unknown field; {hint}valid fields here: {', '.join(valid)}"
+
+
+def _unknown_name(what: str, name, valid: Sequence[str], path: str | None = None) -> str:
+    s = suggest(str(name), valid)
+    hint = f" (did you mean {s!r}?)" if s else ""
+    where = f"config.{path}: " if path else ""
+    return f"{where}unknown {what} {name!r}{hint}; valid: {', '.join(map(str, valid))}"
+
+
+def _describe(v) -> str:
+    return f"{type(v).__name__} ({v!r})"

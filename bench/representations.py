@@ -35,7 +35,8 @@ Then, with the EMA parameters of the final checkpoints:
   4. sample grids: bench/results/representations/<dataset>/<model>.png (DDPM and DMZ: ancestral,
      100 steps; DiffAE: DDIM 50 steps from z of DiffAE's latent DDIM) and reconstructions;
   5. DMZ vs DDPM sample quality: ancestral sampling with 10 / 20 / 50 / 100 respaced steps, learned
-     variance ('learned_range'), DMZ's z ~ Bernoulli(1/2) bits; Frechet and kernel distance
+     variance ('learned_range'), DMZ's z ~ Bernoulli(1/2) bits and, the paper's alternative, each
+     bit at its frequency in the training codes ('DMZ bit-freq'); Frechet and kernel distance
      (`diffusion_jax.evaluation`) between the features of N samples and of the test split, in the
      space of a small classifier trained here on the train split (its test accuracy is reported);
      the 'data' row is N train images against the test split (the floor).
@@ -218,9 +219,12 @@ def representations(models: dict, train: dict, test: dict, z: dict, spec: Datase
 
 
 def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: int,
-                   gen_steps, seed: int, out_dir: str, classifier_steps: int) -> dict:
+                   gen_steps, seed: int, out_dir: str, classifier_steps: int,
+                   dmz_train_z=None) -> dict:
     """FD / KD between classifier features of `num_gen` samples and of the test split, for DDPM
-    and DMZ at each number of ancestral steps; writes the 100-step (largest) grids."""
+    and DMZ (z ~ Bernoulli(1/2), and with `dmz_train_z` also z ~ the per-bit frequencies of those
+    training codes) at each number of ancestral steps; writes the 100-step (largest) grids."""
+    from diffusion_jax.autoencoders import bit_frequencies, sample_binary_prior
     t0 = time.perf_counter()
     k = int(max(train_full["label"].max(), test_full["label"].max())) + 1
     net = train_feature_classifier(train_full["x"], train_full["label"], num_classes=k,
@@ -238,13 +242,19 @@ def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: 
            "rows": []}
     print(f"quality: feature classifier test accuracy {out['classifier']['test_accuracy']:.3f}; "
           f"floor FD {out['floor']['fd']:.3f}", flush=True)
-    for name in ("ddpm", "dmz"):
+    variants = [("ddpm", "DDPM", None), ("dmz", "DMZ", None)]
+    if dmz_train_z is not None:  # the paper's alternative prior: each bit at its training frequency
+        variants.append(("dmz", "DMZ bit-freq", bit_frequencies(dmz_train_z)))
+    for name, label, probs in variants:
         if name not in models:
             continue
         exp, state = models[name]
         eps_fn = make_eps_fn(exp)            # one closure: one compiled sampler per step count
         params = sampling_params(exp, state)
-        z = generation_latents(exp, num_gen, seed)[0] if exp.is_autoencoder else None
+        z = None
+        if exp.is_autoencoder:
+            z = (generation_latents(exp, num_gen, seed)[0] if probs is None else
+                 np.asarray(sample_binary_prior(jax.random.PRNGKey(seed), num_gen, len(probs), probs)))
         for steps in gen_steps:
             t1 = time.perf_counter()
             x, _ = generate(exp, eps_fn, params, num_gen, seed, z=z, num_steps=steps,
@@ -252,14 +262,15 @@ def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: 
             secs = time.perf_counter() - t1
             f = net.features(np.clip(x, -1.0, 1.0))
             kmean, kstd = kd(f)
-            row = {"model": NAMES[name], "steps": int(steps), "fd": frechet_distance(ref, f),
+            row = {"model": label, "steps": int(steps), "fd": frechet_distance(ref, f),
                    "kd": kmean, "kd_std": kstd, "seconds": secs,
                    "pred_class_entropy": _class_entropy(net.predict(np.clip(x, -1, 1)), k)}
             out["rows"].append(row)
-            print(f"quality: {NAMES[name]:<6} {steps:4d} steps  FD {row['fd']:.3f}  "
+            print(f"quality: {label:<12} {steps:4d} steps  FD {row['fd']:.3f}  "
                   f"KD {kmean:.4f}  ({secs:.0f}s)", flush=True)
             if steps == max(gen_steps):
-                image_grid(x[:64], os.path.join(out_dir, f"{name}.png"))
+                fname = name if probs is None else f"{name}_bitfreq"
+                image_grid(x[:64], os.path.join(out_dir, f"{fname}.png"))
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -365,7 +376,8 @@ def run_dataset(dataset: str, args, log) -> dict:
     train_full, test_full = load_arrays(cfg0, "train"), load_arrays(cfg0, "test")
     res["quality"] = sample_quality(models, train_full, test_full, num_gen=args.num_gen,
                                     gen_steps=args.gen_steps, seed=args.seed, out_dir=out_dir,
-                                    classifier_steps=args.classifier_steps)
+                                    classifier_steps=args.classifier_steps,
+                                    dmz_train_z=z["dmz"]["train"] if "dmz" in z else None)
     res["timings"]["quality"] = time.perf_counter() - t1
     res["images"] = sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
                            if f.endswith(".png"))

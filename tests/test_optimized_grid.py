@@ -41,6 +41,15 @@ def test_fitted_grid_beats_fixed_spacings_on_held_out_states(ring):
     assert fitted < fixed / 3, (fitted, fixed)
 
 
+def test_fit_never_loses_to_a_fixed_spacing_on_calibration_states(ring):
+    """init='best' starts from the best fixed spacing, so even a few Adam steps cannot end above it."""
+    process, eps_fn, x_cal, r_cal, *_ = ring
+    fit = optimize_time_grid("unipc", eps_fn, process, x_cal, x_ref=r_cal, num_steps=20, iters=3)
+    for sp in ("uniform", "quadratic", "logsnr", "karras"):
+        x = SAMPLERS["unipc"].fn(eps_fn, process, x_cal, time_grid(process, 20, sp)).x
+        assert float(fit.loss) <= float(jnp.mean(jnp.sum((x - r_cal) ** 2, -1))) * (1 + 1e-4), sp
+
+
 def test_reference_is_computed_when_not_given(ring):
     process, eps_fn, x_cal, r_cal, *_ = ring
     a = optimize_time_grid("ddim", eps_fn, process, x_cal[:128], num_steps=4, iters=5)
@@ -54,6 +63,8 @@ def test_bad_input(ring):
         optimize_time_grid("ancestral", eps_fn, process, x_cal, num_steps=4)
     with pytest.raises(ValueError, match="unknown sampler"):
         optimize_time_grid("dpm_fast", eps_fn, process, x_cal, num_steps=4)
+    with pytest.raises(ValueError, match="unknown initial spacing"):
+        optimize_time_grid("ddim", eps_fn, process, x_cal, num_steps=4, init="cosine")
     with pytest.raises(ValueError, match="x_ref has shape"):
         optimize_time_grid("ddim", eps_fn, process, x_cal, x_ref=r_cal[:3], num_steps=4)
     with pytest.raises(ValueError, match="strictly decreasing"):

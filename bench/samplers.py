@@ -207,7 +207,7 @@ def main():
     print_tables(rows, orders, overhead, checks, nfes)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"jax": jax.__version__, "device": str(jax.devices()[0]), "platform": platform.platform(),
-            "num_samples": n, "seconds": time.time() - t0}
+            "num_samples": n, "seconds": time.time() - t0, "load_average": os.getloadavg()}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "accuracy": rows, "orders": orders, "overhead": overhead, "targets": checks}, f, indent=1)
     print(f"\nwrote {args.out} ({meta['seconds']:.0f} s)")

@@ -123,7 +123,7 @@ def _fit(name, eps_fn, process, x_T, x_ref, cond, ts0, iters, learning_rate, opt
         (theta, opt_state, best_theta, best_loss), history = jax.lax.scan(step, init, None, length=iters)
         last = loss_fn(theta)  # the final iterate is a candidate too
         best_theta = jnp.where(last < best_loss, theta, best_theta)
-        best_loss = jnp.minimum(best_loss, last)
+        best_loss = jnp.where(last < best_loss, last, best_loss)
         return best_theta, best_loss, history
 
     theta0 = _theta_from_grid(lam)

@@ -167,6 +167,9 @@ def train_model(config, wd: str, fresh: bool) -> dict:
         shutil.rmtree(wd)
     t0 = time.perf_counter()
     res = cli.execute(config, wd, "train", progress=False)
+    if res.get("preempted"):  # SIGTERM / Ctrl-C saved a checkpoint: stop the bench, do not go on
+        raise SystemExit(f"training in {wd} was interrupted at step {res.get('step')}; "
+                         "run the bench again to resume")
     seconds = time.perf_counter() - t0
     recs = [r for r in read_metrics(wd) if "loss" in r]
     sps = sorted(r["steps_per_sec"] for r in recs[1:] if "steps_per_sec" in r) or [float("nan")]

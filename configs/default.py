@@ -1,6 +1,7 @@
 """The embedded default, the README's first command: a small DiffAE (diffusion autoencoder) on the
 digits/16 dataset (1 500 16x16 grey-scale digits from scikit-learn, prepared offline on first use).
-It trains for a few minutes on 2 CPU cores and needs nothing downloaded:
+It trains in about 8 minutes on 2 CPU cores (10.5 min end to end with the report) and needs
+nothing downloaded:
 
     python -m diffusion_jax --config=configs/default.py --workdir=runs/default
 

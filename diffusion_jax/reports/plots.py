@@ -1,21 +1,35 @@
 """PNG figures made by the library's own functions: sample scatters, image grids, error-vs-NFE curves,
-readout-probe heat maps."""
+readout-probe heat maps.
+
+Figures are `matplotlib.figure.Figure` objects rendered by the Agg canvas, never through pyplot, so
+importing this module leaves the user's backend alone (inline figures in notebooks keep working) and
+no global figure state is created.
+"""
 from __future__ import annotations
 
 import math
 import os
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _figure(figsize) -> Figure:
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _subplots(figsize, nrow: int = 1, ncol: int = 1, **kw):
+    fig = _figure(figsize)
+    return fig, fig.subplots(nrow, ncol, **kw)
 
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -24,7 +38,7 @@ def scatter_panels(panels: dict[str, np.ndarray], path: str, *, lim: float | Non
     n = len(panels)
     ncol = min(n, 5)
     nrow = int(math.ceil(n / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.8 * nrow), squeeze=False)
+    fig, axes = _subplots((2.6 * ncol, 2.8 * nrow), nrow, ncol, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     allpts = np.concatenate([np.asarray(v)[:, :2] for v in panels.values()])
@@ -55,7 +69,7 @@ def image_grid(images: np.ndarray, path: str, *, ncol: int | None = None, value_
     for i in range(n):
         r, q = divmod(i, ncol)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = images[i]
-    fig = plt.figure(figsize=(grid.shape[1] / 40, grid.shape[0] / 40))
+    fig = _figure((grid.shape[1] / 40, grid.shape[0] / 40))
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, interpolation="nearest")
     ax.axis("off")
@@ -64,7 +78,7 @@ def image_grid(images: np.ndarray, path: str, *, ncol: int | None = None, value_
 
 def error_vs_nfe(curves: dict[str, tuple[list, list]], path: str, *, ylabel: str = "error", title: str = "") -> str:
     """Log-log error-vs-NFE curves, one line per sampler: curves[name] = (nfes, errors)."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = _subplots((5, 3.6))
     for name, (nfe, err) in curves.items():
         ax.loglog(nfe, err, marker="o", ms=3, label=name)
     ax.set_xlabel("NFE")
@@ -91,7 +105,7 @@ def loss_curve(metrics_jsonl: str, path: str, *, key: str = "loss", smooth: int 
     if not steps:
         raise ValueError(f"no {key!r} records in {metrics_jsonl}")
     vals = np.asarray(vals, np.float64)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = _subplots((5, 3.2))
     ax.plot(steps, vals, lw=0.6, alpha=0.4, label=key)
     if len(vals) >= smooth:
         run = np.convolve(vals, np.ones(smooth) / smooth, mode="valid")
@@ -124,7 +138,7 @@ def probe_heatmap(result_or_grid, timesteps=None, blocks=None, path: str | None 
     if grid.shape != (len(timesteps), len(blocks)):
         raise ValueError(f"grid has shape {grid.shape}; expected (len(timesteps), len(blocks)) = "
                          f"({len(timesteps)}, {len(blocks)})")
-    fig, ax = plt.subplots(figsize=(0.6 * len(blocks) + 2.0, 0.45 * len(timesteps) + 1.4))
+    fig, ax = _subplots((0.6 * len(blocks) + 2.0, 0.45 * len(timesteps) + 1.4))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     mid = 0.5 * (np.nanmin(grid) + np.nanmax(grid))
     for i in range(grid.shape[0]):
@@ -132,7 +146,7 @@ def probe_heatmap(result_or_grid, timesteps=None, blocks=None, path: str | None 
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
                     color="black" if grid[i, j] > mid else "white")
     i, j = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
-    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
     ax.set_xticks(range(len(blocks)))
     ax.set_xticklabels(list(blocks), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(timesteps)))

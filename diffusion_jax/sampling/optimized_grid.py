@@ -66,7 +66,9 @@ def optimize_time_grid(name: str, eps_fn: Callable, process: Process, x_T, *, nu
         raise ValueError(f"unknown initial spacing {init!r}; expected 'best' or one of {SPACINGS}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
-    ts0 = time_grid(process, num_steps, "logsnr" if init == "best" else init, t_start=t_start, t_end=t_end)
+    candidates = SPACINGS if init == "best" else (init,)
+    grids = [time_grid(process, num_steps, sp, t_start=t_start, t_end=t_end) for sp in candidates]
+    ts0 = grids[0]
     x_T = jnp.asarray(x_T, jnp.float32)
     if x_T.ndim < 2:
         raise ValueError(f"x_T must be a batch (batch, ...) of calibration states, got shape {x_T.shape}")
@@ -75,13 +77,12 @@ def optimize_time_grid(name: str, eps_fn: Callable, process: Process, x_T, *, nu
     x_ref = jnp.asarray(x_ref, jnp.float32)
     if x_ref.shape != x_T.shape:
         raise ValueError(f"x_ref has shape {x_ref.shape} but x_T has shape {x_T.shape}")
-    if init == "best":
-        run = jax.jit(lambda ts: _grid_loss(spec.fn, eps_fn, process, x_T, x_ref, cond, ts, dict(options)))
-        grids = [time_grid(process, num_steps, sp, t_start=t_start, t_end=t_end) for sp in SPACINGS]
+    options = dict(options)
+    if len(grids) > 1:  # init='best': the fixed spacing with the lowest calibration loss (NaN never wins)
+        run = jax.jit(lambda ts: _grid_loss(spec.fn, eps_fn, process, x_T, x_ref, cond, ts, options))
         losses = [float(run(ts)) for ts in grids]
         ts0 = grids[min(range(len(grids)), key=lambda i: losses[i] if losses[i] == losses[i] else float("inf"))]
-    return _fit(name, eps_fn, process, x_T, x_ref, cond, ts0, iters, float(learning_rate),
-                tuple(sorted(options.items())))
+    return _fit(spec.fn, eps_fn, process, x_T, x_ref, cond, ts0, iters, float(learning_rate), options)
 
 
 @jax.jit
@@ -95,16 +96,13 @@ def _grid_loss(fn, eps_fn, process, x_T, x_ref, cond, ts, options):
     return jnp.mean(jnp.sum(jnp.reshape(x - x_ref, (x.shape[0], -1)) ** 2, -1))
 
 
-def _fit(name, eps_fn, process, x_T, x_ref, cond, ts0, iters, learning_rate, options):
-    from diffusion_jax.sampling import get_sampler
-
-    fn = get_sampler(name).fn
+def _fit(fn, eps_fn, process, x_T, x_ref, cond, ts0, iters, learning_rate, options):
     lam = process.log_snr(ts0)
     t_start, t_end = ts0[0], ts0[-1]
 
     def loss_fn(theta):
         ts = _grid_from_theta(process, theta, lam[0], lam[-1], t_start, t_end)
-        return _grid_loss(fn, eps_fn, process, x_T, x_ref, cond, ts, dict(options))
+        return _grid_loss(fn, eps_fn, process, x_T, x_ref, cond, ts, options)
 
     opt = optax.adam(learning_rate)
 

@@ -3,7 +3,10 @@
     SemanticEncoder (DiffAE, Preechakul et al. 2022; phizaz/diffae's BeatGANsEncoderModel):
         h = conv_in(x); the UNet's down path without time conditioning (ResBlocks [+ attention at
         attn_resolutions], Downsample between levels); [mid: ResBlock, Attn, ResBlock];
-        h = mean_{H, W} SiLU(GN(h));  latent head on h.
+        h = mean_{H, W} SiLU(GN(h))  (pool='mean', DiffAE)  or  flatten(SiLU(GN(h)))  (pool='flatten');
+        latent head on h. Global average pooling keeps only what the local features of the last level
+        say, not where they are: with a shallow encoder on small images (the embedded digits) it loses
+        the layout that decides the class, and z carries little (issue 12); 'flatten' keeps it.
     ConvEncoder (DMZ, Proszewska et al. 2025; exlab-research/dmz's BernoulliEncoder):
         (3x3 conv, stride 2, padding 1 -> BatchNorm | GroupNorm -> LeakyReLU(0.01)) until 2x2,
         h = flatten (2 * 2 * C_last, in (H, W, C) order);  latent head on h.
@@ -13,7 +16,9 @@ Latent heads (`LatentHead`, field `latent` of both encoders; d = z_dim):
     'gaussian'    [mean, logvar] = W h + b;  z = mean + exp(logvar / 2) n, n ~ N(0, I) in training,
                   z = mean in evaluation; kl = KL(N(mean, exp(logvar)) || N(0, I))
     'binary'      logits = (W h + b) reshaped (d, 2); z = Gumbel-softmax per bit, tau, soft in
-                  training, hard one-hot in evaluation, flattened to 2d values; kl to Bernoulli(1/2)^d
+                  training, hard one-hot in evaluation, flattened to 2d values; kl to Bernoulli(1/2)^d;
+                  straight_through=True: hard one-hot samples in training too, with the soft sample's
+                  gradient (the decoder never sees soft codes, so train and test inputs agree)
 
 Randomness: the noise of a stochastic latent in training comes from the rng stream 'latent'
 (`rngs={'latent': key}`); dropout (SemanticEncoder) from 'dropout'. In evaluation a binary code is
@@ -36,6 +41,7 @@ from diffusion_jax.networks import partitioning as P
 from diffusion_jax.networks.layers import AttnBlock, Downsample, ResBlock, conv, dense, group_norm
 
 NORMS = ("batch", "group")
+POOLS = ("mean", "flatten")
 
 
 def _check_image(x, who: str):
@@ -49,6 +55,7 @@ class LatentHead(nn.Module):
     z_dim: int = 512
     tau: float = 1.0
     eval_sample: bool = False
+    straight_through: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, train: bool = False) -> LatentOutput:
@@ -67,7 +74,7 @@ class LatentHead(nn.Module):
             return LatentOutput(z, mean=mean, logvar=logvar, kl=gaussian_kl(mean, logvar))
         logits = out.reshape(b, d, 2)
         key = self._latent_key() if (train or self.eval_sample) else None
-        z = gumbel_softmax(key, logits, self.tau, hard=not train)
+        z = gumbel_softmax(key, logits, self.tau, hard=self.straight_through or not train)
         return LatentOutput(z.reshape(b, 2 * d), logits=logits, kl=binary_kl(logits))
 
     def _latent_key(self):
@@ -94,14 +101,18 @@ class SemanticEncoder(nn.Module):
     use_mid: bool = True
     resample_with_conv: bool = True
     num_heads: int = 1
+    pool: str = "mean"
     tau: float = 1.0
     eval_sample: bool = False
+    straight_through: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> LatentOutput:
         check_latent_type(self.latent)
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown SemanticEncoder pool {self.pool!r}; expected one of {POOLS}")
         _check_image(x, "SemanticEncoder")
         f = 2 ** (len(self.ch_mult) - 1)
         _, height, width, _ = x.shape
@@ -130,8 +141,10 @@ class SemanticEncoder(nn.Module):
             h = attn("mid_attn")(h)
             h = res("mid_res1")(h, None, None, train)
         h = nn.silu(group_norm(h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h))
-        h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-        return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, name="head")(h, train)
+        h = h.astype(jnp.float32)
+        h = jnp.mean(h, axis=(1, 2)) if self.pool == "mean" else h.reshape(h.shape[0], -1)
+        return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, self.straight_through,
+                          name="head")(h, train)
 
 
 class ConvEncoder(nn.Module):
@@ -150,6 +163,7 @@ class ConvEncoder(nn.Module):
     latent: str = "binary"
     tau: float = 1.0
     eval_sample: bool = False
+    straight_through: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -187,9 +201,10 @@ class ConvEncoder(nn.Module):
                 h = group_norm(c, name=f"norm_{i}", param_dtype=self.param_dtype)(h)
             h = nn.leaky_relu(h, self.negative_slope).astype(self.dtype)
         h = h.reshape(h.shape[0], -1)
-        return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, name="head")(h, train)
+        return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, self.straight_through,
+                          name="head")(h, train)
 
 
 ENCODERS = {"semantic": SemanticEncoder, "conv": ConvEncoder}
 
-__all__ = ["ENCODERS", "NORMS", "ConvEncoder", "LatentHead", "SemanticEncoder"]
+__all__ = ["ENCODERS", "NORMS", "POOLS", "ConvEncoder", "LatentHead", "SemanticEncoder"]

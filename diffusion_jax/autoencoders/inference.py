@@ -13,7 +13,9 @@ cond = {'z': z}, and run one jitted `lax.scan` of the library's DDIM (eta = 0) o
     interpolate             z_w = (1 - w) z0 + w z1, x_T,w = slerp(x_T0, x_T1, w), decoded (DiffAE)
 
 clip_x0=True clips the data prediction to [-1, 1] in every step of both directions (DiffAE's
-clip_denoised=True). The jitted functions treat eps_fn and process as static (a new eps_fn closure compiles anew). The
+clip_denoised=True). The jitted functions treat eps_fn and process as static (a new eps_fn closure
+compiles anew); pass the parameters as `params=` with `model.decoder_eps_fn(module)` (cond =
+{'z': z, 'params': params}) so that one compilation serves every parameter set. The
 round trip x0 -> x_T -> x0 is exact up to the inversion's O(step) error, which the fixed-point
 iterations remove (DiffAE issue 52, "DDIM inversion not exact").
 """
@@ -51,52 +53,58 @@ def clipped_eps_fn(eps_fn: Callable, process: Process, lo: float = -1.0, hi: flo
     return eps_clip
 
 
+def _cond(z, params):
+    return {"z": z} if params is None else {"z": z, "params": params}
+
+
 @functools.partial(jax.jit, static_argnames=("eps_fn", "process", "fixed_point_iters", "clip_x0"))
-def _invert(eps_fn, process, x0, z, ts, fixed_point_iters, clip_x0):
+def _invert(eps_fn, process, x0, z, ts, fixed_point_iters, clip_x0, params=None):
     eps_fn = clipped_eps_fn(eps_fn, process) if clip_x0 else eps_fn
-    return ddim_invert(eps_fn, process, x0, ts, cond={"z": z}, num_fixed_point_iters=fixed_point_iters).x
+    return ddim_invert(eps_fn, process, x0, ts, cond=_cond(z, params),
+                       num_fixed_point_iters=fixed_point_iters).x
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "process", "denoise_final", "clip_x0"))
-def _decode(eps_fn, process, x_T, z, ts, denoise_final, clip_x0):
+def _decode(eps_fn, process, x_T, z, ts, denoise_final, clip_x0, params=None):
     eps_fn = clipped_eps_fn(eps_fn, process) if clip_x0 else eps_fn
-    x = ddim(eps_fn, process, x_T, ts, cond={"z": z}).x
+    cond = _cond(z, params)
+    x = ddim(eps_fn, process, x_T, ts, cond=cond).x
     if denoise_final:
         t = batch_time(ts[-1], x)
-        x = x0_from_eps(process, x, t, eps_fn(x, t, {"z": z}))
+        x = x0_from_eps(process, x, t, eps_fn(x, t, cond))
     return x
 
 
 def stochastic_encode(eps_fn: Callable, process: Process, x0, z, *, num_steps: int, spacing: str = "uniform",
-                      fixed_point_iters: int = 0, clip_x0: bool = False) -> jax.Array:
+                      fixed_point_iters: int = 0, clip_x0: bool = False, params=None) -> jax.Array:
     """x_T by deterministic DDIM inversion of x0 (as the state at t_min) conditioned on z (B, D).
     clip_x0: invert the clipped sampler (`clipped_eps_fn`); pass the same value to `reconstruct`."""
     x0, z = _check(x0, z, "x0")
     ts = time_grid(process, num_steps, spacing)
-    return _invert(eps_fn, process, x0, z, ts, int(fixed_point_iters), bool(clip_x0))
+    return _invert(eps_fn, process, x0, z, ts, int(fixed_point_iters), bool(clip_x0), params)
 
 
 def reconstruct(eps_fn: Callable, process: Process, z, x_T, *, num_steps: int, spacing: str = "uniform",
-                clip_x0: bool = False, denoise_final: bool = False) -> jax.Array:
+                clip_x0: bool = False, denoise_final: bool = False, params=None) -> jax.Array:
     """DDIM (eta = 0) from x_T at t_max to t_min conditioned on z. clip_x0: x0_hat clipped to [-1, 1]
     at every step (`clipped_eps_fn`; DiffAE's clip_denoised, which keeps a few-step DDIM stable where
     alpha(t_max) is tiny). denoise_final adds the x0 prediction x0_hat = (x - sigma eps_hat) / alpha at
     t_min (one more evaluation; breaks the exact round trip)."""
     x_T, z = _check(x_T, z, "x_T")
     ts = time_grid(process, num_steps, spacing)
-    return _decode(eps_fn, process, x_T, z, ts, bool(denoise_final), bool(clip_x0))
+    return _decode(eps_fn, process, x_T, z, ts, bool(denoise_final), bool(clip_x0), params)
 
 
 def reconstruct_from_noise(eps_fn: Callable, process: Process, z, key, image_shape: Sequence[int], *,
                            num_steps: int, spacing: str = "uniform", clip_x0: bool = False,
-                           denoise_final: bool = False) -> jax.Array:
+                           denoise_final: bool = False, params=None) -> jax.Array:
     """`reconstruct` from a fresh x_T ~ prior (process.prior_sample) of shape (B, *image_shape)."""
     z = jnp.asarray(z)
     if z.ndim != 2:
         raise ValueError(f"z must have shape (B, D), got {tuple(z.shape)}")
     x_T = process.prior_sample(key, (z.shape[0], *tuple(image_shape)))
     return reconstruct(eps_fn, process, z, x_T, num_steps=num_steps, spacing=spacing, clip_x0=clip_x0,
-                       denoise_final=denoise_final)
+                       denoise_final=denoise_final, params=params)
 
 
 def slerp(a, b, w) -> jax.Array:
@@ -128,7 +136,8 @@ def slerp(a, b, w) -> jax.Array:
 
 
 def interpolate(eps_fn: Callable, process: Process, start, end, weights, *, num_steps: int,
-                spacing: str = "uniform", clip_x0: bool = False, denoise_final: bool = False) -> jax.Array:
+                spacing: str = "uniform", clip_x0: bool = False, denoise_final: bool = False,
+                params=None) -> jax.Array:
     """DiffAE interpolation between (z0, x_T0) = start and (z1, x_T1) = end: for each w in `weights`
     (K,), z_w = (1 - w) z0 + w z1 (linear), x_T,w = slerp(x_T0, x_T1, w), decoded by `reconstruct`
     in one batch of K B. Returns (K, B, H, W, C); w = 0 / 1 reproduce reconstruct(z0, x_T0) / (z1, x_T1)."""
@@ -143,7 +152,8 @@ def interpolate(eps_fn: Callable, process: Process, start, end, weights, *, num_
     zs = (1.0 - w)[:, None, None] * z0[None] + w[:, None, None] * z1[None]
     xs = jax.vmap(lambda wi: slerp(x0T, x1T, wi))(w)
     out = reconstruct(eps_fn, process, zs.reshape(k * b, -1), xs.reshape(k * b, *x0T.shape[1:]),
-                      num_steps=num_steps, spacing=spacing, clip_x0=clip_x0, denoise_final=denoise_final)
+                      num_steps=num_steps, spacing=spacing, clip_x0=clip_x0, denoise_final=denoise_final,
+                      params=params)
     return out.reshape(k, b, *x0T.shape[1:])
 
 

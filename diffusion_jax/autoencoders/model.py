@@ -3,7 +3,8 @@
     module = make_diffae(ch=64, z_dim=512)            # or make_dmz(bits=16), or DiffusionAutoencoder(...)
     variables = init_autoencoder(module, key, (32, 32, 3))     # {'params'[, 'batch_stats']}
     lat, _ = encode_fn(module)(variables, x0)                  # LatentOutput; lat.z (B, D)
-    eps_fn = decoder_eps_fn(module, variables)                 # eps_fn(x, t, {'z': z}) for the samplers
+    eps_fn = decoder_eps_fn(module)            # eps_fn(x, t, {'z': z, 'params': params}) for the samplers
+    stats = recompute_batch_stats(module, ema_variables, images)  # BatchNorm statistics for EMA weights
 
 Parameters: {'encoder': ..., 'decoder': ...}; BatchNorm statistics of the encoder (ConvEncoder with
 norm='batch') in the 'batch_stats' collection under 'encoder'. The decoder is a `networks.UNet`
@@ -21,6 +22,7 @@ on z and the encoder's gradient is exactly zero; it becomes non-zero after the f
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -235,26 +237,80 @@ def decoder_apply_fn(module: DiffusionAutoencoder) -> Callable:
     return apply_fn
 
 
-def decoder_eps_fn(module: DiffusionAutoencoder, variables, prediction: str = "eps", *,
-                   process=None) -> Callable:
-    """`eps_fn(x, t, cond={'z': z}) -> eps` (float32) for the library's samplers: the decoder in eval
-    mode, its first C channels when it has 2C outputs (learned variance), converted from `prediction`
-    ('eps' | 'x0' | 'v' | 'score'; the last three need `process`). The variables are closed over."""
+@functools.lru_cache(maxsize=64)
+def _params_eps_fn(module: DiffusionAutoencoder, prediction: str, process) -> Callable:
     apply_fn = decoder_apply_fn(module)
-    params = variables["params"] if "params" in variables else variables
 
-    def net(x, t, cond=None):
-        out = apply_fn(params, x, t, cond)
+    def net(x, t, cond):
+        out = apply_fn(cond["params"], x, t, cond)
         c = x.shape[-1]
-        if out.shape[-1] == 2 * c:
-            out = out[..., :c]
-        return out
+        return out[..., :c] if out.shape[-1] == 2 * c else out
 
     if prediction == "eps":
-        return lambda x, t, cond=None: net(x, t, cond).astype(jnp.float32)
-    if process is None:
-        raise ValueError(f"decoder_eps_fn(prediction={prediction!r}) needs process= to convert to eps")
+        return lambda x, t, cond: net(x, t, cond).astype(jnp.float32)
     return as_eps_fn(net, prediction, process)
+
+
+def decoder_eps_fn(module: DiffusionAutoencoder, variables=None, prediction: str = "eps", *,
+                   process=None) -> Callable:
+    """`eps_fn(x, t, cond) -> eps` (float32) for the library's samplers: the decoder in eval mode, its
+    first C channels when it has 2C outputs (learned variance), converted from `prediction`
+    ('eps' | 'x0' | 'v' | 'score'; the last three need `process`).
+
+    variables=None (the default, and what hot loops should use): the parameters travel in the traced
+    cond, `cond = {'z': z, 'params': params}` (the inference functions take `params=`), and the
+    function returned is cached per (module, prediction, process), so every jitted sampler compiles
+    once and serves every parameter set. With `variables` given they are closed over (cond = {'z': z}):
+    convenient, but each such closure is a new static function and compiles anew.
+    """
+    if prediction != "eps" and process is None:
+        raise ValueError(f"decoder_eps_fn(prediction={prediction!r}) needs process= to convert to eps")
+    fn = _params_eps_fn(module, prediction, process if prediction != "eps" else None)
+    if variables is None:
+        return fn
+    params = variables["params"] if "params" in variables else variables
+    return lambda x, t, cond=None: fn(x, t, {**(cond or {}), "params": params})
+
+
+def _population_stats(module: DiffusionAutoencoder):
+    momentum = float(getattr(module.encoder, "bn_momentum", 0.9))
+
+    @jax.jit
+    def batch_stats(params, stats, x0):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, stats)
+        _, upd = module.apply({"params": params, "batch_stats": zeros}, x0, train=True, method="encode",
+                              mutable=["batch_stats"], rngs={"latent": jax.random.PRNGKey(0),
+                                                             "dropout": jax.random.PRNGKey(0)})
+        return jax.tree_util.tree_map(lambda a: a / (1.0 - momentum), upd["batch_stats"])
+
+    return batch_stats
+
+
+_POPULATION = functools.lru_cache(maxsize=16)(_population_stats)
+
+
+def recompute_batch_stats(module: DiffusionAutoencoder, variables, images, *, batch_size: int = 256) -> dict:
+    """BatchNorm statistics of the encoder recomputed for `variables['params']` ("precise BN", Wu &
+    Johnson 2021): the per-batch means and (biased) variances of every BatchNorm layer with the encoder
+    in training mode, averaged over the full batches of `images` (N, H, W, C).
+
+    Use it for parameters the running statistics were not gathered with, e.g. the EMA parameters: the
+    running statistics follow the online weights, and with a slow EMA the two drift apart until binary
+    codes go constant (issue 12). Returns the new 'batch_stats' collection ({} if there is none).
+    """
+    stats = dict(variables).get("batch_stats", {})
+    if not jax.tree_util.tree_leaves(stats):
+        return stats
+    images = jnp.asarray(images, jnp.float32)
+    n = (images.shape[0] // batch_size) * batch_size or images.shape[0]
+    bs = min(batch_size, n)
+    fn = _POPULATION(module)
+    total, count = None, 0
+    for i in range(0, n - bs + 1, bs):
+        s = fn(variables["params"], stats, images[i:i + bs])
+        total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
+        count += 1
+    return jax.tree_util.tree_map(lambda a: a / count, total)
 
 
 def has_batch_stats(module: DiffusionAutoencoder, image_shape) -> bool:
@@ -267,4 +323,5 @@ def has_batch_stats(module: DiffusionAutoencoder, image_shape) -> bool:
 
 
 __all__ = ["DiffusionAutoencoder", "check_z_conditioning", "decoder_apply_fn",
-           "decoder_eps_fn", "encode_fn", "has_batch_stats", "init_autoencoder", "make_diffae", "make_dmz"]
+           "decoder_eps_fn", "encode_fn", "has_batch_stats", "init_autoencoder", "make_diffae", "make_dmz",
+           "recompute_batch_stats"]

@@ -8,12 +8,25 @@
 With (z, kl) = encoder(x0) in training mode (latent noise and dropout from the loss rng, BatchNorm on
 batch statistics with its running statistics updated),
 
-    L = L_base(params; {'x': x0, 'cond': {'z': z}}) + kl_weight * mean_b kl_b
+    L = L_base(params; {'x': x0, 'cond': {'z': z}}) + kl_weight * mean_b kl_b + bit_usage_weight * U
+
+    U = sum_i KL(Bernoulli(pbar_i) || Bernoulli(1/2)) = sum_i (log 2 - H(pbar_i)),
+        pbar_i = mean_b q(b_i = 1 | x_b)           (binary latents; nats)
 
 where L_base is `base_factory(process, decoder_apply_fn(module), **base_options)` and kl is the
 latent's KL to its prior (N(0, I) for 'gaussian', Bernoulli(1/2)^d for 'binary', 0 for
 'continuous'; DiffAE and DMZ use kl_weight = 0). The encoder is trained only through z (soft
-Gumbel-softmax codes for 'binary', the reparameterisation for 'gaussian').
+Gumbel-softmax codes for 'binary', or hard straight-through ones with the encoder's
+straight_through=True; the reparameterisation for 'gaussian').
+
+U is a batch-level bit-usage term: it is zero when every bit is 1 for half of the batch, whatever
+the per-example posteriors, so it keeps bits in use without making them uninformative. A
+per-example KL to Bernoulli(1/2) (kl_weight on a binary latent) pushes every q(b_i | x) to 1/2,
+i.e. towards codes that carry nothing; it is allowed but rarely what one wants.
+
+train=False (evaluation losses): the encoder runs in evaluation mode (BatchNorm on its running
+statistics, which are returned unchanged; the Gaussian mean; the deterministic hard binary code)
+and train=False goes to the base loss too.
 
 Stateful-loss protocol: the loss always accepts `loss_fn(params, batch, rng, model_state=None)`.
 model_state = {'encoder': the 'batch_stats' collection or {}, 'objective': the base loss's state
@@ -25,8 +38,12 @@ stateful; the BatchNorm part of the state is known only from `init_model_state`.
 
 aux: the base loss's aux (its 'loss' replaced by the total) and 'diffusion_loss', 'kl', 'z_abs_mean'
 (mean |z|), 'z_std' (batch std of z, mean over dimensions); 'gaussian': 'posterior_std' (mean
-exp(logvar / 2)); 'binary': 'bit_entropy' (entropy in bits of each bit's batch frequency, mean over
-bits: 1 = balanced bits, 0 = a constant bit) and 'posterior_entropy' (mean entropy of q(b_i | x)).
+exp(logvar / 2)); 'binary': 'bit_entropy' (entropy in bits of each bit's batch frequency in the
+deterministic hard codes argmax q(b_i | x), mean over bits: 1 = balanced bits, 0 = a constant bit;
+computed on hard codes so that a dead bit driven only by the Gumbel noise reads as 0), 'dead_bits'
+(bits whose hard code is constant over the batch), 'bit_mi' (sum over bits of I(x; b_i) =
+H(pbar_i) - mean_b H(q(b_i | x_b)), bits), 'posterior_entropy' (mean entropy of q(b_i | x)) and
+'bit_usage' (U above).
 """
 from __future__ import annotations
 
@@ -34,6 +51,8 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+import math
 
 from diffusion_jax.autoencoders.latents import bit_entropy, bit_frequencies
 from diffusion_jax.autoencoders.model import (DiffusionAutoencoder, decoder_apply_fn, encode_fn,
@@ -53,21 +72,40 @@ def latent_statistics(lat, latent: str) -> dict:
     if latent == "gaussian":
         stats["posterior_std"] = jnp.mean(jnp.exp(0.5 * lat.logvar))
     elif latent == "binary":
-        stats["bit_entropy"] = jnp.mean(bit_entropy(bit_frequencies(z)))
+        hard = (lat.logits[..., 1] > lat.logits[..., 0]).astype(jnp.float32)     # argmax code (B, d)
+        p_hard = jnp.mean(hard, axis=0)
+        stats["bit_entropy"] = jnp.mean(bit_entropy(p_hard))
+        stats["dead_bits"] = jnp.sum((p_hard == 0.0) | (p_hard == 1.0)).astype(jnp.float32)
         q1 = jax.nn.softmax(lat.logits, axis=-1)[..., 1]
-        stats["posterior_entropy"] = jnp.mean(bit_entropy(q1))
+        h_post = bit_entropy(q1)
+        stats["posterior_entropy"] = jnp.mean(h_post)
+        stats["bit_mi"] = jnp.sum(bit_entropy(jnp.mean(q1, axis=0)) - jnp.mean(h_post, axis=0))
+        stats["bit_usage"] = bit_usage(lat.logits)
     return stats
 
 
+def bit_usage(logits) -> jax.Array:
+    """U = sum_i (log 2 - H(pbar_i)) nats, pbar_i = mean_b softmax(logits_b)_i1: the KL of each bit's
+    batch-average posterior to Bernoulli(1/2), summed over bits (0 iff every bit is balanced)."""
+    pbar = jnp.mean(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)[..., 1], axis=0)
+    return jnp.sum(math.log(2.0) - bit_entropy(pbar) * math.log(2.0))
+
+
 def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factory: Callable = epsilon_loss, *,
-                     kl_weight: float = 0.0, **base_options) -> Callable:
+                     kl_weight: float = 0.0, bit_usage_weight: float = 0.0, train: bool = True,
+                     **base_options) -> Callable:
     """`loss_fn(params, batch, rng, model_state=None) -> (loss, aux)`: L_base given z = encoder(x0) plus
-    kl_weight * KL (module docstring). `base_factory(process, apply_fn, **base_options)` is any
-    objective factory (epsilon_loss, v_loss, hybrid_loss, ...); params = {'encoder', 'decoder'}."""
+    kl_weight * KL + bit_usage_weight * U (module docstring). `base_factory(process, apply_fn,
+    **base_options)` is any objective factory (epsilon_loss, v_loss, hybrid_loss, ...); params =
+    {'encoder', 'decoder'}. train=False: the evaluation loss (encoder in evaluation mode)."""
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    if bit_usage_weight < 0:
+        raise ValueError(f"bit_usage_weight must be >= 0, got {bit_usage_weight}")
     latent = getattr(module.encoder, "latent", "continuous")
-    base = base_factory(process, decoder_apply_fn(module), **base_options)
+    if bit_usage_weight and latent != "binary":
+        raise ValueError(f"bit_usage_weight applies to binary latents; this encoder's latent is {latent!r}")
+    base = base_factory(process, decoder_apply_fn(module), train=train, **base_options)
     base_stateful = bool(getattr(base, "stateful", False))
     encode = encode_fn(module)
 
@@ -84,7 +122,7 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
         variables = {"params": params}
         if _has_leaves(enc_stats):
             variables["batch_stats"] = enc_stats
-        lat, new_stats = encode(variables, x0, train=True, rng=k_enc)
+        lat, new_stats = encode(variables, x0, train=train, rng=k_enc)
 
         inner = {k: v for k, v in batch.items() if k in ("t", "t_index", "t_weight")}
         inner.update(x=x0, cond={**(cond or {}), "z": lat.z})
@@ -96,6 +134,8 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
         new_obj = aux.pop("model_state", obj_state)
         kl = jnp.mean(lat.kl)
         loss = base_loss + kl_weight * kl if kl_weight else base_loss
+        if bit_usage_weight:
+            loss = loss + bit_usage_weight * bit_usage(lat.logits)
         aux.update(loss=loss, diffusion_loss=base_loss, kl=kl, **latent_statistics(lat, latent))
         if given:
             aux["model_state"] = jax.lax.stop_gradient(
@@ -116,4 +156,4 @@ def init_model_state(module: DiffusionAutoencoder, variables, loss: Optional[Cal
     return {"encoder": dict(variables).get("batch_stats", {}), "objective": objective}
 
 
-__all__ = ["autoencoder_loss", "init_model_state", "latent_statistics"]
+__all__ = ["autoencoder_loss", "bit_usage", "init_model_state", "latent_statistics"]

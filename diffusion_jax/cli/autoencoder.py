@@ -7,7 +7,7 @@ latent helpers the train loop and the report share.
     python -m diffusion_jax --workdir=runs/x --mode=manipulate    # manipulations/step<N>.png/json
 
 Each reads the newest checkpoint (or --step), uses the EMA parameters and the encoder's BatchNorm
-statistics from the train state, and writes its PNG / JSON / NPZ next to the run. The images are
+statistics recomputed for them (`encoder_variables`), and writes its PNG / JSON / NPZ next to the run. The images are
 the first `report.num_reconstructions` of `config.eval.split`.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from diffusion_jax.cli.experiment import (
     CLIError, Experiment, build_experiment, has_checkpoints, missing_checkpoint, open_split,
     image_shape_of, restore_checkpoint, sampling_params, say)
 
-__all__ = ["load_arrays", "encode_images", "generation_latents", "decoder_eps_fn",
+__all__ = ["load_arrays", "encode_images", "encoder_variables", "generation_latents", "decoder_eps_fn",
            "reconstructions", "interpolations", "run_encode", "run_reconstruct",
            "run_interpolate", "run_manipulate", "AE_MODES"]
 
@@ -44,21 +44,50 @@ def _check_images(exp: Experiment, images) -> None:
                        f"for {tuple(exp.image_shape)} (config.data.image_size)")
 
 
-def encode_images(exp: Experiment, state, images, *, batch_size: int = 256):
-    """z (N, D) numpy of `images` (N, H, W, C) with the EMA encoder in evaluation mode (BatchNorm
-    running statistics, hard binary codes, Gaussian means)."""
+def encoder_variables(exp: Experiment, state) -> dict:
+    """{'params', ['batch_stats']} of the encoder the modes use: the sampling (EMA) parameters and,
+    when the encoder keeps BatchNorm statistics and the EMA parameters are used, statistics
+    recomputed for those parameters on (up to 2 048 images of) the train split
+    (`autoencoders.recompute_batch_stats`): the running statistics in the state were gathered
+    under the online weights. Cached per state on the experiment."""
     import jax
-    import numpy as np
-    from diffusion_jax.autoencoders import encode_fn
+    from diffusion_jax.autoencoders import recompute_batch_stats
     from diffusion_jax.training.state import has_leaves
 
-    _check_images(exp, images)
-    variables = {"params": sampling_params(exp, state)}
+    params = sampling_params(exp, state)
+    key = ("encoder_variables", id(state), int(state.step))
+    if key in exp.cache:
+        return exp.cache[key]
+    variables = {"params": params}
     stats = state.model_state.get("encoder", {}) if isinstance(state.model_state, dict) else {}
     if has_leaves(stats):
         variables["batch_stats"] = stats
-    enc = encode_fn(exp.module)
-    fn = jax.jit(lambda v, x: enc(v, x, train=False)[0].z)
+        if params is not state.params:
+            images = load_arrays(exp.config, "train", 2048)["x"]
+            variables["batch_stats"] = recompute_batch_stats(exp.module, variables, images)
+    exp.cache = {k: v for k, v in exp.cache.items() if k[0] != "encoder_variables"}
+    exp.cache[key] = variables
+    return variables
+
+
+def _encoder_fn(exp: Experiment):
+    import jax
+    from diffusion_jax.autoencoders import encode_fn
+    if "encode" not in exp.cache:
+        enc = encode_fn(exp.module)
+        exp.cache["encode"] = jax.jit(lambda v, x: enc(v, x, train=False)[0].z)
+    return exp.cache["encode"]
+
+
+def encode_images(exp: Experiment, state, images, *, batch_size: int = 256):
+    """z (N, D) numpy of `images` (N, H, W, C) with the EMA encoder in evaluation mode (BatchNorm
+    statistics of `encoder_variables`, hard binary codes, Gaussian means). One compiled function
+    per experiment and batch shape."""
+    import numpy as np
+
+    _check_images(exp, images)
+    variables = encoder_variables(exp, state)
+    fn = _encoder_fn(exp)
     out = []
     for i in range(0, len(images), batch_size):
         xb = np.asarray(images[i:i + batch_size], np.float32)
@@ -69,13 +98,17 @@ def encode_images(exp: Experiment, state, images, *, batch_size: int = 256):
     return np.concatenate(out)
 
 
-def decoder_eps_fn(exp: Experiment, state):
-    """eps_fn(x, t, cond={'z': z}) of the EMA decoder (first C channels), for the inference
-    functions of `diffusion_jax.autoencoders`."""
-    from diffusion_jax.cli.experiment import make_eps_fn
-    base = make_eps_fn(exp, pair=False)
-    params = sampling_params(exp, state)
-    return lambda x, t, cond: base(x, t, {"params": params, "model_cond": cond})
+def decoder_eps_fn(exp: Experiment, state=None):
+    """eps_fn(x, t, cond={'z': z, 'params': params}) of the decoder (first C channels), for the
+    inference functions of `diffusion_jax.autoencoders` (pass params=`sampling_params(exp,
+    state)`). One function per experiment, so their jitted loops compile once."""
+    del state
+    if "decoder_eps" not in exp.cache:
+        from diffusion_jax.cli.experiment import make_eps_fn
+        base = make_eps_fn(exp, pair=False)
+        exp.cache["decoder_eps"] = lambda x, t, cond: base(
+            x, t, {"params": cond["params"], "model_cond": {"z": cond["z"]}})
+    return exp.cache["decoder_eps"]
 
 
 def generation_latents(exp: Experiment, n: int, seed: int, *, train_z=None, latent_sampler=None):
@@ -119,14 +152,16 @@ def reconstructions(exp: Experiment, state, images, z, *, steps: int, fixed_poin
     import numpy as np
     from diffusion_jax.autoencoders import (reconstruct, reconstruct_from_noise,
                                             stochastic_encode)
-    eps_fn = decoder_eps_fn(exp, state)
+    eps_fn = decoder_eps_fn(exp)
+    params = sampling_params(exp, state)
     p = exp.process
     clip = _clip(exp)
     x_t = stochastic_encode(eps_fn, p, images, z, num_steps=steps,
-                            fixed_point_iters=fixed_point_iters, clip_x0=clip)
-    rec = np.asarray(reconstruct(eps_fn, p, z, x_t, num_steps=steps, clip_x0=clip))
+                            fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
+    rec = np.asarray(reconstruct(eps_fn, p, z, x_t, num_steps=steps, clip_x0=clip, params=params))
     rec_noise = np.asarray(reconstruct_from_noise(eps_fn, p, z, jax.random.PRNGKey(seed),
-                                                  exp.image_shape, num_steps=steps, clip_x0=clip))
+                                                  exp.image_shape, num_steps=steps, clip_x0=clip,
+                                                  params=params))
     mse = lambda a: float(np.mean((np.clip(a, -1, 1) - images) ** 2))
     return {"x_T": np.asarray(x_t), "inverted": rec, "noise": rec_noise,
             "mse_inverted": mse(rec), "mse_noise": mse(rec_noise)}
@@ -137,16 +172,17 @@ def interpolations(exp: Experiment, state, images_a, images_b, z_a, z_b, *, step
     """(K, B, H, W, C) decodes along linear-in-z, spherical-in-x_T paths between pairs."""
     import numpy as np
     from diffusion_jax.autoencoders import interpolate, stochastic_encode
-    eps_fn = decoder_eps_fn(exp, state)
+    eps_fn = decoder_eps_fn(exp)
+    params = sampling_params(exp, state)
     p = exp.process
     clip = _clip(exp)
     xa = stochastic_encode(eps_fn, p, images_a, z_a, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters, clip_x0=clip)
+                           fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
     xb = stochastic_encode(eps_fn, p, images_b, z_b, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters, clip_x0=clip)
+                           fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
     w = np.linspace(0.0, 1.0, points)
     return np.asarray(interpolate(eps_fn, p, (z_a, xa), (z_b, xb), w, num_steps=steps,
-                                  clip_x0=clip)), w
+                                  clip_x0=clip, params=params)), w
 
 
 def _open(config, workdir: str, step, mode: str):
@@ -269,16 +305,17 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
     keep = test["label"] != target
     x0 = test["x"][keep][:8]
     z = encode_images(exp, state, x0)
-    eps_fn = decoder_eps_fn(exp, state)
+    eps_fn = decoder_eps_fn(exp)
+    params = sampling_params(exp, state)
     x_t = stochastic_encode(eps_fn, exp.process, x0, z, num_steps=r.inversion_steps,
-                            fixed_point_iters=r.fixed_point_iters, clip_x0=_clip(exp))
+                            fixed_point_iters=r.fixed_point_iters, clip_x0=_clip(exp), params=params)
     rows = [x0]
     scales = tuple(float(s) for s in r.manipulate_scales)
     logits = []
     for s in scales:
         zs = manipulate(jnp.asarray(z), direction, s, stats)
         x_s = np.asarray(reconstruct(eps_fn, exp.process, zs, x_t, num_steps=r.inversion_steps,
-                                     clip_x0=_clip(exp)))
+                                     clip_x0=_clip(exp), params=params))
         rows.append(x_s)
         logits.append(float(np.mean(np.asarray(clf.logits(encode_images(exp, state, x_s))))))
     out_dir = os.path.join(workdir, "manipulations")

@@ -82,6 +82,7 @@ class Experiment:
     abstract: Any
     loss_fn: Any = None
     stateful: bool = False
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_autoencoder(self) -> bool:
@@ -139,11 +140,11 @@ def build_network(config, image_shape=None):
     if ch["encoder"] == "semantic":
         enc_opts = dict(ch=ch["encoder_ch"], ch_mult=ch["encoder_ch_mult"],
                         num_res_blocks=ch["encoder_num_res_blocks"],
-                        attn_resolutions=ch["encoder_attn_resolutions"], dropout=m.dropout)
+                        attn_resolutions=ch["encoder_attn_resolutions"], dropout=m.dropout, pool=ae.pool)
     else:
         enc_opts = dict(ch=ch["encoder_ch"], norm=ae.norm)
     encoder = ENCODERS[ch["encoder"]](latent=ch["latent"], z_dim=ch["z_dim"], tau=ae.tau,
-                                      dtype=dtype, **enc_opts)
+                                      straight_through=ae.straight_through, dtype=dtype, **enc_opts)
     decoder = UNet(**fields, z_conditioning=ch["z_conditioning"], dtype=dtype)
     return DiffusionAutoencoder(encoder=encoder, decoder=decoder)
 
@@ -166,7 +167,8 @@ def _objective(config, process, apply_fn, module, *, train: bool = True):
         raise CLIError(f"objective {config.objective.name!r} cannot train an autoencoder")
     kwargs = {k: v for k, v in cv.kwargs_dict(config.objective.kwargs).items()}
     loss = autoencoder_loss(module, process, spec.get_factory(),
-                            kl_weight=config.autoencoder.kl_weight, train=train, **kwargs)
+                            kl_weight=config.autoencoder.kl_weight,
+                            bit_usage_weight=config.autoencoder.bit_usage_weight, train=train, **kwargs)
     return loss, True, (lambda variables: init_model_state(module, variables, loss))
 
 

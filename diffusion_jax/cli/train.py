@@ -150,7 +150,9 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
         spec = T.batch_spec_of(first)
         train_step = T.make_train_step(make_loss_fn(exp), exp.tx, exp.schedule,
                                        grad_accum_steps=exp.opt_cfg.grad_accum_steps,
-                                       ema_warmup=bool(config.ema.warmup))
+                                       ema_warmup=bool(config.ema.warmup),
+                                       grad_norm_groups=(("encoder", "decoder") if exp.is_autoencoder
+                                                         else ()))
         compiled = T.compile_train_step(train_step, exp.abstract, spec, exp.mesh)
         say(f"train step compiled in {compiled.compile_seconds:.1f}s; training steps "
              f"{step + 1}..{tc.num_steps} on {jax.device_count()} device(s), mesh "

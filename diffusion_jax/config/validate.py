@@ -228,6 +228,16 @@ def _check_cross(config):
         if encoder == "conv" and size is not None and (size < 4 or size & (size - 1)):
             raise ConfigError(f"config.autoencoder.encoder='conv' halves the image down to 2x2: "
                               f"data.image_size must be a power of two >= 4, got {size}")
+        latent = ae.latent or ("continuous" if ae.kind == "diffae" else "binary")
+        if ae.bit_usage_weight and latent != "binary":
+            raise ConfigError(f"config.autoencoder.bit_usage_weight applies to binary latents; this "
+                              f"autoencoder's latent is {latent!r}")
+        if ae.straight_through and latent != "binary":
+            raise ConfigError(f"config.autoencoder.straight_through applies to binary latents; this "
+                              f"autoencoder's latent is {latent!r}")
+        if ae.pool != "mean" and encoder != "semantic":
+            raise ConfigError(f"config.autoencoder.pool={ae.pool!r} applies to the semantic encoder; "
+                              f"this autoencoder's encoder is {encoder!r}")
     elif config.latent_sampler.num_steps:
         raise ConfigError("config.latent_sampler.num_steps > 0 needs a diffusion autoencoder "
                           "(config.autoencoder.kind 'diffae' or 'dmz')")

@@ -9,7 +9,8 @@ precision: the network's compute dtype (e.g. bf16) is its own `dtype`; parameter
 optimiser state and EMA stay float32 and the loss is cast to float32 before differentiation.
 
 Metrics (float32 scalars, replicated): 'loss', 'grad_norm' (global norm before clipping),
-'learning_rate' (of the update this step contributes to), and every scalar of `aux` (nested dicts
+'learning_rate' (of the update this step contributes to), 'grad_norm/<group>' for each of
+`grad_norm_groups`, and every scalar of `aux` (nested dicts
 flattened with '/'; non-scalar aux entries are dropped). With `return_grads=True` also 'grads' (a
 params-shaped tree, sharded like the params; for tests and debugging).
 
@@ -128,7 +129,8 @@ def _new_model_state(old: Any, aux: Any) -> tuple[Any, Any]:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule | None = None, *, grad_accum_steps: int = 1,
-                    ema_warmup: bool = False, return_grads: bool = False
+                    ema_warmup: bool = False, return_grads: bool = False,
+                    grad_norm_groups: tuple[str, ...] = ()
                     ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]:
     """Pure `train_step(state, batch, rng) -> (new_state, metrics)`.
 
@@ -140,8 +142,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     Stateful losses (`state.model_state` has leaves): `loss_fn(params, batch, rng, model_state)`
     must return the new state in `aux['model_state']` (ValueError otherwise, or if its tree
     structure / shapes differ); it replaces `state.model_state` every call (every micro-step).
+
+    grad_norm_groups: top-level parameter groups (e.g. ('encoder', 'decoder') of an autoencoder)
+    whose gradient norms are reported as 'grad_norm/<group>'.
     """
     k = int(grad_accum_steps)
+    groups = tuple(grad_norm_groups)
 
     def train_step(state: TrainState, batch, rng):
         stateful = has_leaves(state.model_state)
@@ -167,6 +173,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     "none, so the new state would be dropped; pass init_model_state_fn to "
                     "make_init_fn / train to give the state its initial model_state")
         grad_norm = optax.tree.norm(grads)
+        missing = [g for g in groups if not isinstance(grads, Mapping) or g not in grads]
+        if missing:
+            raise ValueError(f"grad_norm_groups {missing} are not top-level parameter groups "
+                             f"(have {sorted(grads) if isinstance(grads, Mapping) else type(grads)})")
+        group_norms = {f"grad_norm/{g}": optax.tree.norm(grads[g]).astype(jnp.float32) for g in groups}
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         update_index = state.step // k          # optimiser update this step contributes to
@@ -178,7 +189,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                 new_ema = jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new_ema, ema)
             ema = new_ema
         metrics = _scalar_metrics(aux)
-        metrics.update(loss=loss, grad_norm=grad_norm.astype(jnp.float32))
+        metrics.update(loss=loss, grad_norm=grad_norm.astype(jnp.float32), **group_norms)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(update_index), jnp.float32)
         if return_grads:

@@ -20,7 +20,8 @@ from diffusion_jax.cli.experiment import (
     CLIError, Experiment, build_experiment, has_checkpoints, missing_checkpoint, open_split,
     image_shape_of, restore_checkpoint, sampling_params, say)
 
-__all__ = ["load_arrays", "encode_images", "encoder_variables", "generation_latents", "decoder_eps_fn",
+__all__ = ["load_arrays", "encode_images", "encoder_variables", "latent_outputs", "latent_diagnostics",
+           "generation_latents", "decoder_eps_fn",
            "reconstructions", "interpolations", "run_encode", "run_reconstruct",
            "run_interpolate", "run_manipulate", "AE_MODES"]
 
@@ -165,6 +166,83 @@ def reconstructions(exp: Experiment, state, images, z, *, steps: int, fixed_poin
     mse = lambda a: float(np.mean((np.clip(a, -1, 1) - images) ** 2))
     return {"x_T": np.asarray(x_t), "inverted": rec, "noise": rec_noise,
             "mse_inverted": mse(rec), "mse_noise": mse(rec_noise)}
+
+
+def latent_outputs(exp: Experiment, state, images) -> dict:
+    """The encoder's full evaluation output on `images` (one batch): 'z' and, where the latent has
+    them, 'logits' (binary) or 'mean' / 'logvar' (Gaussian), as numpy arrays."""
+    import jax
+    import numpy as np
+    from diffusion_jax.autoencoders import encode_fn
+    _check_images(exp, images)
+    if "encode_full" not in exp.cache:
+        enc = encode_fn(exp.module)
+        exp.cache["encode_full"] = jax.jit(
+            lambda v, x: {k: v_ for k, v_ in enc(v, x, train=False)[0]._asdict().items() if v_ is not None})
+    out = exp.cache["encode_full"](encoder_variables(exp, state), np.asarray(images, np.float32))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, *, num: int = 256,
+                       steps: int = 50, seed: int = 0, classifier=None, train_metrics=None,
+                       log=say) -> dict:
+    """Does z carry the semantics? On the first `num` test images:
+
+    z_dependence   eps MSE with the image's own z and with another image's z, and the share of the
+                   denoiser's output that z moves, per t (`autoencoders.diagnostics.z_dependence`)
+    agreement      the fraction of (z, fresh noise) reconstructions (DDIM, `steps`) to which a
+                   classifier trained on the labelled train split (the `evaluation` feature
+                   classifier, or `classifier`) gives the class it gives the original; also the
+                   reconstructions' accuracy on the true labels
+    codes          binary latents: `code_usage` (dead bits, per-bit entropy, distinct codes) and
+                   I(x; z) (`mutual_information`, bits; at most log2 num)
+    gradients      the last logged 'grad_norm/encoder' and 'grad_norm/decoder' (train_metrics: the
+                   rows of metrics.jsonl)
+    """
+    import jax
+    import numpy as np
+    from diffusion_jax.autoencoders import reconstruct_from_noise
+    from diffusion_jax.autoencoders import diagnostics as D
+    from diffusion_jax.cli.experiment import autoencoder_choices
+
+    n = min(int(num), len(test["x"]))
+    x0, z = np.asarray(test["x"][:n], np.float32), np.asarray(test_z[:n], np.float32)
+    eps_fn, params = decoder_eps_fn(exp), sampling_params(exp, state)
+    key = jax.random.PRNGKey(seed)
+    out: dict = {"num_images": n}
+    out["z_dependence"] = D.z_dependence(eps_fn, exp.process, x0, z, jax.random.fold_in(key, 1),
+                                         params=params)
+    labels = train.get("label")
+    if labels is not None and len(np.unique(labels)) > 1:
+        from diffusion_jax.evaluation import train_feature_classifier
+        if classifier is None:
+            log(f"diagnostics: training the feature classifier on {len(train['x'])} train images")
+            classifier = train_feature_classifier(train["x"], labels,
+                                                  num_classes=int(np.max(labels)) + 1, seed=seed)
+        log(f"diagnostics: decoding {n} test latents from fresh noise ({steps} DDIM steps)")
+        bs = int(exp.config.sample.batch_size)
+        rec = np.concatenate([np.asarray(reconstruct_from_noise(
+            eps_fn, exp.process, z[i:i + bs], jax.random.fold_in(key, 2 + i), exp.image_shape,
+            num_steps=int(steps), clip_x0=_clip(exp), params=params)) for i in range(0, n, bs)])
+        pred_orig, pred_rec = classifier.predict(x0), classifier.predict(np.clip(rec, -1, 1))
+        out["agreement"] = float(np.mean(pred_orig == pred_rec))
+        out["reconstruction_accuracy"] = float(np.mean(pred_rec == np.asarray(test["label"][:n])))
+        out["classifier_test_accuracy"] = float(np.mean(pred_orig == np.asarray(test["label"][:n])))
+    if autoencoder_choices(exp.config)["latent"] != "continuous":
+        lat = latent_outputs(exp, state, x0)
+        from diffusion_jax.autoencoders import LatentOutput
+        fields = {k: lat.get(k) for k in ("logits", "mean", "logvar")}
+        out["mutual_information_bits"] = D.mutual_information(LatentOutput(lat["z"], **fields),
+                                                               jax.random.fold_in(key, 3))
+        if lat.get("logits") is not None:
+            usage = D.code_usage(lat["z"])
+            out["codes"] = {k: usage[k] for k in ("bits", "dead_bits", "low_entropy_bits",
+                                                  "mean_entropy", "distinct_codes", "code_entropy")}
+    rows = [m for m in (train_metrics or []) if "grad_norm/encoder" in m]
+    if rows:
+        out["grad_norm_encoder"] = float(rows[-1]["grad_norm/encoder"])
+        out["grad_norm_decoder"] = float(rows[-1]["grad_norm/decoder"])
+    return out
 
 
 def interpolations(exp: Experiment, state, images_a, images_b, z_a, z_b, *, steps: int,

@@ -9,6 +9,10 @@
     workdir/report/probe_heatmap.png         linear-probe accuracy by (t, block)
     workdir/loss_curve.png                   the training loss
 
+Autoencoders also get "Does z carry the semantics?" (report.diagnostics): the class agreement of
+(z, fresh noise) reconstructions with their originals, the eps error with the right and with a
+shuffled z per t, and, for binary codes, dead bits and I(x; z).
+
 Everything is computed from the newest checkpoint (EMA parameters), so re-running the report after
 an interrupted or finished training run gives the same page.
 """
@@ -36,6 +40,48 @@ def _training_summary(workdir: str) -> dict:
     return {"steps": last["step"], "first logged loss": first["loss"],
             "final loss (mean of the last 10% of logs)": sum(r["loss"] for r in tail) / len(tail),
             "median steps/s": sorted(sps)[len(sps) // 2]}
+
+
+def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress) -> None:
+    """The 'Does z carry the semantics?' section (`cli.autoencoder.latent_diagnostics`)."""
+    from diffusion_jax.cli import autoencoder as ae_lib
+    from diffusion_jax.training import read_metrics
+    r = exp.config.report
+    progress("report: latent diagnostics (z dependence per t, class agreement, codes)")
+    d = ae_lib.latent_diagnostics(exp, state, train, test, test_z, num=int(r.diagnostics_images),
+                                  steps=int(r.inversion_steps), seed=int(exp.config.sample.seed),
+                                  train_metrics=read_metrics(workdir), log=progress)
+    numbers["latent_diagnostics"] = d
+    rows = []
+    if "agreement" in d:
+        rows.append({"quantity": "class agreement of (z, fresh noise) reconstructions with their "
+                                 "originals", "value": d["agreement"]})
+        rows.append({"quantity": "accuracy of those reconstructions on the true labels",
+                     "value": d["reconstruction_accuracy"]})
+    if "codes" in d:
+        c = d["codes"]
+        rows += [{"quantity": "dead bits (constant over the images)", "value": f"{c['dead_bits']} of {c['bits']}"},
+                 {"quantity": "mean per-bit entropy (bits)", "value": c["mean_entropy"]},
+                 {"quantity": "distinct codes", "value": f"{c['distinct_codes']} of {d['num_images']}"}]
+    if d.get("mutual_information_bits") is not None:
+        rows.append({"quantity": f"I(x; z), bits (minibatch estimate, at most log2 {d['num_images']})",
+                     "value": d["mutual_information_bits"]})
+    if "grad_norm_encoder" in d:
+        rows.append({"quantity": "last gradient norm: encoder / decoder",
+                     "value": f"{d['grad_norm_encoder']:.3g} / {d['grad_norm_decoder']:.3g}"})
+    rep.add_table(f"Does z carry the semantics? ({d['num_images']} test images)", rows,
+                  ["quantity", "value"],
+                  caption="the classifier is the small CNN of `diffusion_jax.evaluation` trained on the "
+                          "train split; agreement near chance means the decoder makes up the content "
+                          "that z should fix")
+    dep = d["z_dependence"]
+    rep.add_table("How much the denoiser uses z, per noise level t",
+                  [{"t": t, "eps MSE (own z)": a, "eps MSE (another image's z)": b, "ratio": g,
+                    "share of eps_hat moved by z": sh}
+                   for t, a, b, g, sh in zip(dep["t"], dep["mse_z"], dep["mse_shuffled"], dep["gain"],
+                                             dep["share"])],
+                  caption="x_t = alpha_t x0 + sigma_t eps; share = E|eps_hat(z) - eps_hat(z')|^2 / "
+                          "E|eps_hat(z) - mean|^2; a decoder that ignores z has ratio 1 and share 0")
 
 
 def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
@@ -133,6 +179,8 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
         png = image_grid(grid, os.path.join(out, "interpolations.png"), ncol=len(w))
         rep.add_image("Interpolations", rel(png),
                       caption="each row: two test images' (z, x_T), z linear and x_T spherical")
+        if r.diagnostics:
+            _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress)
 
     if r.probe:
         progress("report: probing representations (linear probe and k-NN on the labels)")

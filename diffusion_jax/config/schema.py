@@ -367,6 +367,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "fixed_point_iters": Field(int, 2, check=_non_negative,
                                    doc="refinements per DDIM-inversion step"),
         "probe": Field(bool, True, doc="the probe table (raw pixels, PCA, readouts, latents)"),
+        "diagnostics": Field(bool, True, doc="autoencoders: does z carry the semantics (class "
+                                             "agreement, z dependence per t, code usage)"),
+        "diagnostics_images": Field(int, 256, check=_positive,
+                                    doc="test images of the autoencoder diagnostics"),
         "manipulate_target": Field(int, 1, check=_non_negative,
                                    doc="--mode=manipulate: the label to move images towards"),
         "manipulate_scales": Field(tuple, (0.0, 0.3, 0.6, 0.9), item=float,

@@ -5,7 +5,9 @@ continuous-time ELBO lives with the training objectives, in `diffusion_jax.objec
     where          what
     pf_ode.py      pf_ode_log_likelihood, the PF-ODE velocity, exact / Hutchinson divergences
     bpd.py         dequantize, bits_per_dim (with the log(2/256) per-dim offset), image_bpd
+    diffusion_classifier.py  zero-shot classification by the per-class ELBO (Li et al. 2023)
 """
+from diffusion_jax.likelihood.diffusion_classifier import WEIGHTINGS, class_errors, diffusion_classify
 from diffusion_jax.likelihood.bpd import BPDOutput, as_levels, bits_per_dim, dequantize, image_bpd
 from diffusion_jax.likelihood.pf_ode import (
     DIVERGENCES, PROBES, SOLVERS, TIME_VARIABLES, LikelihoodOutput, draw_probes, exact_divergence,
@@ -15,5 +17,5 @@ from diffusion_jax.likelihood.pf_ode import (
 __all__ = [
     "BPDOutput", "DIVERGENCES", "LikelihoodOutput", "PROBES", "SOLVERS", "TIME_VARIABLES", "as_levels",
     "bits_per_dim", "dequantize", "draw_probes", "exact_divergence", "hutchinson_divergence", "image_bpd",
-    "pf_ode_log_likelihood", "pf_ode_velocity",
+    "pf_ode_log_likelihood", "pf_ode_velocity", "WEIGHTINGS", "class_errors", "diffusion_classify",
 ]

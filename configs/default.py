@@ -10,10 +10,17 @@ loss curve and the probe table (linear probe and k-NN on the digit labels for ra
 DDAE readouts and the DiffAE latent z_sem). Ctrl-C saves a checkpoint; the same command resumes.
 
 Not a paper configuration (configs/diffae_ffhq64.py is): sizes and rates are chosen for speed.
-    encoder   half-UNet (ch 32, ch_mult (1, 2), 1 res block) + pooling -> z_sem, 32-d continuous
+    encoder   half-UNet (ch 32, ch_mult (1, 2), 1 res block), then the 8x8x64 features FLATTENED
+              (autoencoder.pool='flatten') -> z_sem, 32-d continuous. DiffAE's global average
+              pooling keeps what the last level's local features say but not where: on 16x16
+              digits with a two-level encoder z then probes below PCA-32 (issue 12; see
+              bench/autoencoder_design.py)
     decoder   UNet ch 32, ch_mult (1, 2), 1 res block, attention at 8x8, AdaGN time conditioning,
-              z_sem through h (1 + W z) in every ResBlock (DiffAE); 0.8M parameters in all
-    process   cosine (improved DDPM), eps prediction, L_simple
+              z_sem through h (1 + W z) in every ResBlock (DiffAE); 0.9M parameters in all
+    process   cosine (improved DDPM), v prediction (Salimans & Ho 2022), uniform t. In eps units
+              the v loss weighs each t by 1/alpha_t^2, i.e. it counts the high-noise steps where
+              the content of the image is decided; with L_simple (eps) the decoder learns to use z
+              less, and far fewer (z, fresh noise) reconstructions keep their digit
     optimiser AdamW lr 1e-3, 100 warm-up steps, cosine decay to 1e-4, batch 32, 1 500 steps;
               EMA 0.999 with warm-up (runs are short)
     latent    DiffAE's latent DDIM (MLP with skips, 4 x 256) trained for 1 500 steps on the
@@ -26,7 +33,7 @@ from diffusion_jax.config import base_config
 
 
 def get_config():
-    config = base_config(model_type="unet", process="cosine", objective="eps")
+    config = base_config(model_type="unet", process="cosine", objective="v")
 
     data = config.data
     data.name = "digits/16"
@@ -49,6 +56,7 @@ def get_config():
     ae.z_dim = 32
     ae.z_conditioning = ("adagn_scale",)
     ae.encoder_attn_resolutions = ()
+    ae.pool = "flatten"
 
     config.process.kwargs.s = 0.008    # improved DDPM's offset (the default)
     config.objective.kwargs.weighting = "none"

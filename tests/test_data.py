@@ -326,3 +326,50 @@ def test_folder_dataset(tmp_path):
   assert raw[3]["image"].shape == (20, 24, 3)
   with pytest.raises(ValueError, match="split"):
     data.get_dataset(f"folder:{tmp_path}", "test")
+
+
+# ----------------------------------------------------------------- glyphs ---
+from diffusion_jax.data import glyphs as glyphs_lib  # noqa: E402
+
+GLYPHS_TEST = data.register_glyphs_config(
+    "32_test", resolution=32, num_train=240, num_test=60, seed=0)
+
+
+def test_glyphs_built_offline_with_labelled_factors(data_dir, no_network):
+  src = data.get_dataset(GLYPHS_TEST, "train", data_dir=data_dir)
+  a = src.arrays
+  assert a["image"].shape == (240, 32, 32, 3) and a["image"].dtype == np.uint8
+  f = a["factors"]
+  assert set(f) == set(glyphs_lib.FACTOR_NAMES)
+  np.testing.assert_array_equal(a["label"], f["glyph"])
+  assert set(np.unique(f["glyph"])) == set(range(len(glyphs_lib.GLYPH_NAMES)))
+  assert set(np.unique(f["background"])) == set(range(len(glyphs_lib.BACKGROUND_NAMES)))
+  for k in ("scale", "pos_x", "pos_y", "rotation", "hue"):
+    assert 0.0 <= f[k].min() and f[k].max() <= 1.0
+  info = data.dataset_info(GLYPHS_TEST, data_dir=data_dir)
+  assert info.num_classes == 6 and info.factor_num_classes["glyph"] == 6
+  # the glyph sits at its factors' centre in its colour (value 1 > any background's 0.5)
+  cx, cy, half, _ = glyphs_lib.glyph_geometry(f, 32)
+  alpha = glyphs_lib.render_alpha(f, 32)
+  for i in range(20):
+    full = alpha[i] == 1.0
+    assert full.any()
+    ys, xs = np.nonzero(alpha[i] > 0)
+    assert abs(xs.mean() + 0.5 - cx[i]) < 0.35 * half[i] and abs(ys.mean() + 0.5 - cy[i]) < 0.35 * half[i]
+    assert a["image"][i][full].max(axis=-1).mean() > 200
+
+
+def test_glyph_areas_and_determinism():
+  n = 6
+  f = {"glyph": np.arange(n, dtype=np.int32), "scale": np.ones(n, np.float32),
+       "pos_x": np.full(n, 0.5, np.float32), "pos_y": np.full(n, 0.5, np.float32),
+       "rotation": np.full(n, 0.5, np.float32), "hue": np.zeros(n, np.float32),
+       "background": np.zeros(n, np.int32)}
+  area = glyphs_lib.render_alpha(f, 64).sum((1, 2))
+  h = 64 * glyphs_lib.S_MAX
+  np.testing.assert_allclose(area[2], np.pi * (0.95 ** 2 - 0.55 ** 2) * h * h, rtol=0.03)   # ring
+  np.testing.assert_allclose(area[4], (1.44 * h) ** 2, rtol=0.03)                          # square
+  np.testing.assert_allclose(area[0], area[1], rtol=0.03)            # 'x' is '+' turned by 45 degrees
+  one = glyphs_lib.render(f, 32, np.random.default_rng(1))
+  np.testing.assert_array_equal(one, glyphs_lib.render(f, 32, np.random.default_rng(1)))
+  assert not np.array_equal(one, glyphs_lib.render(f, 32, np.random.default_rng(2)))

@@ -28,7 +28,7 @@ from diffusion_jax.cli.experiment import (
 __all__ = ["pca_features", "score_features", "probe_table", "run_probe"]
 
 CONTINUOUS_FACTORS = ("scale", "pos_x", "pos_y")
-DISCRETE_FACTORS = ("shape", "color")
+DISCRETE_FACTORS = ("shape", "color", "glyph", "background")
 
 
 def pca_features(x_train, x_test, dim: int):

@@ -29,8 +29,9 @@ What works with tensorflow-datasets 4.9.10 and no TensorFlow (checked):
   with internet, to run ``tfds build``; reading them afterwards does not.
 """
 
-from diffusion_jax.data.builders import (Digits, DigitsConfig, Shapes,
-                                         ShapesConfig, register_shapes_config)
+from diffusion_jax.data.builders import (Digits, DigitsConfig, Glyphs, GlyphsConfig,
+                                         Shapes, ShapesConfig, register_glyphs_config,
+                                         register_shapes_config)
 from diffusion_jax.data.pipeline import (batches_per_epoch, make_loader,
                                          make_pipeline, to_model_input)
 from diffusion_jax.data.sources import (ArraySource, DatasetInfo,
@@ -46,6 +47,6 @@ __all__ = [
     "DigitsConfig", "ImageFolderSource", "Shapes", "ShapesConfig",
     "TfdsSource", "UnknownDatasetError", "batches_per_epoch", "check_prepared",
     "dataset_info", "default_data_dir", "get_dataset", "known_datasets",
-    "make_loader", "make_pipeline", "prepare", "register_shapes_config",
+    "make_loader", "make_pipeline", "prepare", "register_shapes_config", "register_glyphs_config", "Glyphs", "GlyphsConfig",
     "stack_examples", "to_model_input",
 ]

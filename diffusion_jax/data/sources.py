@@ -6,7 +6,7 @@
 ``grain.MapDataset.source(src)`` for ad-hoc grain use, or hand it to
 ``make_loader``:
 
-* ``digits/16``, ``digits/32``, ``shapes/32``, ``shapes/64`` (and configs added
+* ``digits/16``, ``digits/32``, ``shapes/32``, ``shapes/64``, ``glyphs/32`` (and configs added
   with ``register_shapes_config``): embedded; prepared into ``data_dir`` on
   first use (seconds, offline), see ``builders.py``.
 * ``cifar10``, ``celeb_a`` and ``tfds:<any tfds image dataset>``: must already
@@ -32,12 +32,15 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax.data import builders
+from diffusion_jax.data import glyphs as glyphs_lib
 from diffusion_jax.data import shapes as shapes_lib
 
 REAL_DATASETS = ("cifar10", "celeb_a")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff")
-_EMBEDDED = {"digits": builders.Digits, "shapes": builders.Shapes}
+_EMBEDDED = {"digits": builders.Digits, "shapes": builders.Shapes,
+             "glyphs": builders.Glyphs}
+_DISCRETE_FACTORS = {**shapes_lib.DISCRETE_FACTORS, **glyphs_lib.DISCRETE_FACTORS}
 
 
 class UnknownDatasetError(ValueError):
@@ -148,7 +151,7 @@ def _to_canonical(example: dict[str, Any], image_size: int | None) -> dict:
   out = {"image": resize_image(np.asarray(example["image"]), image_size),
          "label": np.int32(example.get("label", 0))}
   if "factors" in example:
-    out["factors"] = {k: (np.int32(v) if k in shapes_lib.DISCRETE_FACTORS
+    out["factors"] = {k: (np.int32(v) if k in _DISCRETE_FACTORS
                           else np.float32(v))
                       for k, v in example["factors"].items()}
   return out

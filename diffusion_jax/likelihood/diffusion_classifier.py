@@ -30,16 +30,17 @@ from diffusion_jax.processes.base import Process, bcast
 
 WEIGHTINGS = ("none", "elbo")
 
-__all__ = ["WEIGHTINGS", "class_errors", "diffusion_classify"]
+__all__ = ["WEIGHTINGS", "class_errors", "diffusion_classify", "label_cond"]
 
 
-def _label_cond(labels):
-    return {"label": labels}
+def label_cond(labels, cond):
+    """The default cond_fn: {**cond, 'label': labels}."""
+    return {**(cond or {}), "label": labels}
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "process", "num_classes", "num_samples",
                                              "weighting", "cond_fn"))
-def _errors(eps_fn, process, x, key, extra, t_lo, t_hi, num_classes, num_samples, weighting, cond_fn):
+def _errors(eps_fn, process, x, key, cond, t_lo, t_hi, num_classes, num_samples, weighting, cond_fn):
     b = x.shape[0]
     k = num_classes
     labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), b)                  # (K B,) class-major
@@ -58,10 +59,7 @@ def _errors(eps_fn, process, x, key, extra, t_lo, t_hi, num_classes, num_samples
         eps = jax.random.normal(ke, x.shape, jnp.float32)
         x_t = bcast(process.alpha(t), x) * x + bcast(process.sigma(t), x) * eps
         tile = lambda a: jnp.tile(a, (k,) + (1,) * (a.ndim - 1))
-        cond = cond_fn(labels)
-        if extra is not None:
-            cond = {**cond, **jax.tree_util.tree_map(tile, extra)}
-        out = eps_fn(tile(x_t), tile(t), cond).astype(jnp.float32)
+        out = eps_fn(tile(x_t), tile(t), cond_fn(labels, cond)).astype(jnp.float32)
         err = jnp.sum(jnp.square(out - tile(eps)).reshape(k, b, -1), axis=-1) / dim   # (K, B)
         return acc + w[None] * err, None
 
@@ -71,12 +69,13 @@ def _errors(eps_fn, process, x, key, extra, t_lo, t_hi, num_classes, num_samples
 
 def class_errors(eps_fn: Callable, process: Process, x, key, *, num_classes: int, num_samples: int = 64,
                  weighting: str = "none", t_min: Optional[float] = None, t_max: Optional[float] = None,
-                 cond_fn: Callable = _label_cond, extra_cond=None) -> jax.Array:
+                 cond=None, cond_fn: Callable = None) -> jax.Array:
     """E_c(x) (B, K) of the module docstring (per dimension, i.e. divided by the size of one x).
 
-    eps_fn(x, t, cond) is the class-conditional denoiser, called with cond = cond_fn(labels) (default
-    {'label': labels}) merged with `extra_cond` (e.g. {'params': params}, tiled over the classes
-    when it has a batch axis: pass only per-example arrays of batch B, or use cond_fn for globals).
+    eps_fn(x, t, c) is the class-conditional denoiser, called on the batch tiled over the classes
+    (K B examples, class-major) with c = cond_fn(labels (K B,), cond): by default
+    {**cond, 'label': labels}. `cond` is traced (e.g. {'params': params}: one compilation for every
+    parameter set); cond_fn is static (define it once, at module level).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
@@ -89,8 +88,8 @@ def class_errors(eps_fn: Callable, process: Process, x, key, *, num_classes: int
     hi = float(process.t_max if t_max is None else t_max)
     if not process.t_min <= lo < hi <= process.t_max:
         raise ValueError(f"need {process.t_min} <= t_min < t_max <= {process.t_max}, got [{lo}, {hi}]")
-    return _errors(eps_fn, process, x, key, extra_cond, lo, hi, int(num_classes), int(num_samples),
-                   weighting, cond_fn)
+    return _errors(eps_fn, process, x, key, cond, lo, hi, int(num_classes), int(num_samples),
+                   weighting, cond_fn or label_cond)
 
 
 def diffusion_classify(eps_fn: Callable, process: Process, x, key, *, num_classes: int,

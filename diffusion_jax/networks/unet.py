@@ -25,6 +25,9 @@ compute dtype), names in execution order:
     'mid'           output of the middle block
     'up_{l}_{b}'    output of up block b (ResBlock [+ attn]) at level l, b <= num_res_blocks
 Level l has resolution H / 2**l and ch * ch_mult[l] channels (mid: the last level's).
+With `repa_block` set, 'repa' holds that block's output through a 3-layer MLP projector (per
+position, repa_dim channels, float32) for representation alignment (`objectives.repa_loss`); the
+projector runs only when the intermediates are collected, so sampling pays nothing for it.
 `block_names(module, input_shape)` lists them with their shapes in execution order (the
 'intermediates' dict returned by flax may be key-sorted instead).
 """
@@ -93,6 +96,9 @@ class UNet(nn.Module):
     scale_shift_norm: bool = False         # AdaGN time conditioning (iDDPM/ADM) vs additive (DDPM)
     skip_rescale: bool = False             # residual sums scaled by 1/sqrt(2) (NCSN++)
     z_conditioning: Sequence[str] = ()     # subset of Z_MODES
+    repa_block: Optional[str] = None       # REPA: project this sown block's output ...
+    repa_dim: int = 0                      # ... to repa_dim channels per position (sown as 'repa')
+    repa_hidden: int = 0                   # the projector MLP's width (0: 4 ch)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -111,6 +117,31 @@ class UNet(nn.Module):
                     (h >> l, w >> l, self.ch * self.ch_mult[l]), 2 ** l)
         return info
 
+    def _check_repa(self, input_shape) -> None:
+        if self.repa_block is None:
+            return
+        names = self.feature_info(input_shape)
+        if self.repa_block not in names:
+            raise ValueError(f"repa_block {self.repa_block!r} is not a block of this UNet; blocks: "
+                             f"{list(names)}")
+        if self.repa_dim < 1:
+            raise ValueError(f"repa_block={self.repa_block!r} needs repa_dim >= 1 (the target "
+                             f"features' width), got {self.repa_dim}")
+
+    def _sow(self, name: str, h: jax.Array) -> None:
+        """Sows a block's output; the REPA block also gets its projection (Yu et al. 2025), computed
+        only when the intermediates are collected (or at init, to create the projector)."""
+        self.sow("intermediates", name, h)
+        if name != self.repa_block or not (self.is_initializing()
+                                           or self.is_mutable_collection("intermediates")):
+            return
+        width = self.repa_hidden or 4 * self.ch
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = nn.silu(dense(width, (P.EMBED, P.MLP), name="repa_proj0", **kw)(h))
+        y = nn.silu(dense(width, (P.MLP, P.MLP), name="repa_proj1", **kw)(y))
+        y = dense(self.repa_dim, (P.MLP, P.EMBED), name="repa_proj2", **kw)(y)
+        self.sow("intermediates", "repa", y.astype(jnp.float32))
+
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[dict] = None,
                  train: bool = False) -> jax.Array:
@@ -119,6 +150,7 @@ class UNet(nn.Module):
         if height % 2 ** (len(self.ch_mult) - 1) or width % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"input {height}x{width} not divisible by 2**{len(self.ch_mult) - 1}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self._check_repa(x.shape)
         zm = tuple(self.z_conditioning)
         label, z = _split_cond(cond, batch, self.num_classes, zm)
         res_z = tuple(m for m in zm if m.startswith("adagn"))
@@ -157,7 +189,7 @@ class UNet(nn.Module):
                 h = res(f"down_{l}_{b}_res", self.ch * mult)(h, temb, z, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = attn(f"down_{l}_{b}_attn")(h, z)
-                self.sow("intermediates", f"down_{l}_{b}", h)
+                self._sow(f"down_{l}_{b}", h)
                 skips.append(h)
             if l != num_levels - 1:
                 if self.resblock_updown:
@@ -170,7 +202,7 @@ class UNet(nn.Module):
         h = res("mid_res0")(h, temb, z, train)
         h = attn("mid_attn")(h, z)
         h = res("mid_res1")(h, temb, z, train)
-        self.sow("intermediates", "mid", h)
+        self._sow("mid", h)
 
         # Up path.
         for l in reversed(range(num_levels)):
@@ -179,7 +211,7 @@ class UNet(nn.Module):
                 h = res(f"up_{l}_{b}_res", self.ch * self.ch_mult[l])(h, temb, z, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = attn(f"up_{l}_{b}_attn")(h, z)
-                self.sow("intermediates", f"up_{l}_{b}", h)
+                self._sow(f"up_{l}_{b}", h)
             if l != 0:
                 if self.resblock_updown:
                     h = res(f"up_{l}_upsample", up=True)(h, temb, z, train)

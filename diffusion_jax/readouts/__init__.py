@@ -15,6 +15,8 @@ network on noised inputs, scored by linear probes and k-NN.
                    vmapped), probe_accuracy, fit_linear_regression / RidgeRegression, r2_score
     knn.py         knn_accuracy / knn_predict (weighted cosine vote, chunked, jitted)
     sweep.py       probe_sweep -> SweepResult (accuracy grid over (t, block), best cell, JSON)
+    alignment.py   repa_loss: REPA, a denoising loss + alignment of a projected block with a frozen
+                   encoder's features (Yu et al. 2025)
 
 Sits above `networks` (and beside `autoencoders`): for a diffusion-autoencoder decoder pass the
 decoder module, its own params and cond={'z': z}. Heat maps: `reports.plots.probe_heatmap`.
@@ -25,10 +27,11 @@ from diffusion_jax.readouts.knn import METRICS, knn_accuracy, knn_predict
 from diffusion_jax.readouts.probe import (LinearProbe, RidgeRegression, fit_linear_probe,
                                           fit_linear_regression, probe_accuracy, r2_score)
 from diffusion_jax.readouts.sweep import METHODS, SweepResult, probe_sweep
+from diffusion_jax.readouts.alignment import repa_loss, repa_similarity
 
 __all__ = [
     "POOLS", "METRICS", "METHODS", "features", "extract_features", "draw_noise", "check_blocks",
     "check_timesteps", "LinearProbe", "RidgeRegression", "fit_linear_probe", "probe_accuracy",
     "fit_linear_regression", "r2_score", "knn_accuracy", "knn_predict", "SweepResult",
-    "probe_sweep",
+    "probe_sweep", "repa_loss", "repa_similarity",
 ]

@@ -1,8 +1,8 @@
 """Representation benchmark: DDPM vs DiffAE vs DMZ on the embedded data, CPU-sized.
 
     python bench/representations.py [--out bench/results/representations.json] [--quick]
-        [--datasets digits/16,shapes/32] [--steps N] [--batch 32] [--num_gen 500]
-        [--gen_steps 10,20,50,100] [--fresh]
+        [--datasets digits/16,shapes/32,glyphs/32] [--steps N] [--batch 32] [--num_gen 500]
+        [--gen_steps 10,20,50,100] [--fresh] [--dmz_bit_usage W]
 
 For each dataset three models are trained through the command line's own code path
 (`diffusion_jax.cli.execute(config, workdir, 'train')`, configs built here from `base_config`),
@@ -11,8 +11,10 @@ with the same decoder, optimiser, batch and number of steps:
     DDPM    UNet, 'hybrid' objective (eps MSE + 0.001 L_vb, learned variance) on the cosine DDPM
             process (T = 1000); the same recipe as DMZ (DDPM-IP gamma 0.1, loss-aware t), so that
             the only difference to DMZ is z
-    DiffAE  semantic half-UNet encoder -> continuous z_sem (d values), decoder h (1 + W z) in every
-            ResBlock ('adagn_scale'); L_simple (eps MSE, uniform t) on the same process, as DiffAE
+    DiffAE  semantic half-UNet encoder, last level flattened (pool='flatten') -> continuous z_sem
+            (d values), decoder h (1 + W z) in every ResBlock ('adagn_scale'); v prediction,
+            uniform t, on the same process (issue 12: with DiffAE's mean pooling and L_simple the
+            latent carried little; see bench/autoencoder_design.py)
     DMZ     conv encoder + BatchNorm -> d Gumbel-softmax bits, z as one cross-attention token in
             every attention block; the hybrid loss, DDPM-IP gamma 0.1, loss-aware t
 
@@ -91,13 +93,15 @@ DATASETS = {
     "digits/16": DatasetSpec(16, 32, (1, 2), steps=1500, z_dim=32),
     "shapes/32": DatasetSpec(32, 16, (1, 2, 2), steps=800, z_dim=32, probe_train=4000,
                              probe_test=1000, knn_k=20),
+    "glyphs/32": DatasetSpec(32, 16, (1, 2, 2), steps=800, z_dim=32, probe_train=4000,
+                             probe_test=1000, knn_k=20),
 }
 IP_GAMMA = 0.1                    # DDPM-IP's gamma (DMZ: 0.1 outside CIFAR-10)
 READOUT_T = (0.012, 0.05, 0.1, 0.25)
 
 
 def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: int = 0,
-                latent_steps: int = 1500, sample_batch: int = 250):
+                latent_steps: int = 1500, sample_batch: int = 250, dmz_bit_usage: float = 0.0):
     """The experiment config of `model` ('ddpm' | 'diffae' | 'dmz') on `dataset` (see the module
     docstring); validated by `cli.execute`."""
     if dataset not in DATASETS:
@@ -105,7 +109,7 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid: {MODELS}")
     spec = DATASETS[dataset]
-    c = base_config("unet", "ddpm", "eps" if model == "diffae" else "hybrid")
+    c = base_config("unet", "ddpm", "v" if model == "diffae" else "hybrid")
     d = c.data
     d.name, d.image_size, d.batch_size, d.random_flip = dataset, spec.image_size, batch, False
     m = c.model
@@ -122,10 +126,12 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
     if model == "diffae":
         ae.kind, ae.encoder, ae.latent, ae.z_dim = "diffae", "semantic", "continuous", spec.z_dim
         ae.z_conditioning, ae.encoder_attn_resolutions = ("adagn_scale",), ()
+        ae.pool = "flatten"          # issue 12: global average pooling loses the layout
     elif model == "dmz":
         ae.kind, ae.encoder, ae.latent, ae.z_dim = "dmz", "conv", "binary", spec.z_dim
         ae.z_conditioning, ae.encoder_ch, ae.norm = ("cross_attn",), 32, "batch"
         ae.tau, ae.prior = 1.0, "bernoulli"
+        ae.bit_usage_weight = dmz_bit_usage
     op = c.optim
     op.learning_rate, op.schedule, op.end_lr_factor = 1e-3, "cosine", 0.1
     op.warmup_steps = min(100, steps // 10)
@@ -323,7 +329,8 @@ def run_dataset(dataset: str, args, log) -> dict:
     configs, models = {}, {}
     for name in MODELS:
         cfg = make_config(dataset, name, steps=steps, batch=args.batch, seed=args.seed,
-                          latent_steps=args.latent_steps, sample_batch=min(args.num_gen, 500))
+                          latent_steps=args.latent_steps, sample_batch=min(args.num_gen, 500),
+                          dmz_bit_usage=args.dmz_bit_usage)
         wd = run_dir(args.workdir, dataset, name, steps, args.batch)
         log(f"[{dataset}] training {NAMES[name]} ({steps} steps) in {wd}")
         tr = train_model(cfg, wd, args.fresh)
@@ -468,6 +475,8 @@ def main():
     ap.add_argument("--classifier_steps", type=int, default=1000,
                     help="train steps of the feature classifier (batch 64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dmz_bit_usage", type=float, default=0.0,
+                    help="DMZ's autoencoder.bit_usage_weight (0: the paper's loss)")
     ap.add_argument("--fresh", action="store_true", help="retrain even if a finished run exists")
     ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, few samples")
     args = ap.parse_args()

@@ -381,7 +381,14 @@ def generate(exp: Experiment, eps_fn, params, n: int, seed: int, *, z=None,
 def state_structure(d: dict) -> dict:
     """The parts of a (JSON) config that fix the train state's pytree and shapes."""
     optim, data, ema = d.get("optim", {}), d.get("data", {}), d.get("ema", {})
+    ae = d.get("autoencoder", {}) or {}
+    shaping = {"kind": "none", "encoder": None, "latent": None, "z_dim": None, "z_conditioning": None,
+               "encoder_ch": None, "encoder_ch_mult": None, "encoder_num_res_blocks": None,
+               "encoder_attn_resolutions": None, "norm": "batch", "pool": "mean"}
     return {"model": d.get("model", {}),
+            "autoencoder": {k: ae.get(k, v) for k, v in shaping.items()} if ae.get("kind", "none") != "none"
+            else "none",
+            "objective learned variance": (d.get("objective", {}) or {}).get("name") == "hybrid",
             "data.name": data.get("name"), "data.image_size": data.get("image_size"),
             "ema.decays": [float(x) for x in ema.get("decays") or ()],
             "optim.grad_clip (on)": bool(optim.get("grad_clip")),

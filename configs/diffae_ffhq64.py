@@ -49,6 +49,7 @@ def get_config():
     ae.encoder_ch_mult = (1, 2, 4, 8, 8)
     ae.encoder_num_res_blocks = 2
     ae.encoder_attn_resolutions = (16,)
+    ae.pool = "mean"                       # DiffAE: adaptive average pooling to z_sem
 
     p = config.process.kwargs
     p.num_steps = 1000

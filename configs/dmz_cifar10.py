@@ -49,6 +49,8 @@ def get_config():
     ae.norm = "batch"
     ae.tau = 1.0
     ae.prior = "bernoulli"
+    ae.straight_through = False            # DMZ: F.gumbel_softmax(h, hard=not self.training)
+    ae.bit_usage_weight = 0.0              # DMZ's loss has no bit-usage term (issue 12's switch)
 
     p = config.process.kwargs
     p.num_steps = 1000

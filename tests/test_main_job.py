@@ -36,6 +36,7 @@ def small(workdir, data_dir, *extra):
             "--config.report.interpolation_points=3", "--config.report.inversion_steps=8",
             "--config.readout.timesteps=(0.05,)", "--config.readout.blocks=('mid', 'up_0_0')",
             "--config.readout.num_train=400", "--config.readout.num_test=200",
+            "--config.report.diagnostics_images=32", "--config.report.classifier_steps=150",
             "--noprogress", *extra]
 
 
@@ -70,9 +71,15 @@ def test_main_job_writes_a_sane_report(tmp_path, capsys, compile_cache):
     for r in rep["probe"]:
         assert r["linear"] > 0.3 and r["knn"] > 0.3, r
     assert rows["raw"]["linear"] > 0.85
+    # Does z carry the semantics? The diagnostics are there and in range.
+    d = rep["latent_diagnostics"]
+    assert d["num_images"] == 32 and 0.0 <= d["agreement"] <= 1.0
+    dep = d["z_dependence"]
+    assert len(dep["t"]) == 5 and max(dep["gain"]) > 1.0 and max(dep["share"]) > 0.0   # z is used
+    assert d["grad_norm_encoder"] > 0 and d["grad_norm_decoder"] > 0
     # The markdown embeds the table and links the images; the HTML embeds the images.
     md = open(os.path.join(workdir, "report.md")).read()
-    assert "| features |" in md and "](report/samples.png)" in md
+    assert "| features |" in md and "](report/samples.png)" in md and "Does z carry the semantics" in md
     html = open(os.path.join(workdir, "report.html")).read()
     assert html.count("data:image/png;base64,") >= 5
     saved = json.load(open(os.path.join(workdir, "report.json")))
@@ -130,3 +137,25 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path, capsys, compile_cac
     again = cli.main(argv(stopped + 5))
     assert again["restored_step"] == stopped and again["step"] == stopped + 5
     assert f"resuming from step {stopped}" in capsys.readouterr().out
+
+
+def test_dmz_with_batchnorm_trains_evaluates_and_encodes(tmp_path, compile_cache):
+    """A DMZ (conv encoder with BatchNorm, binary code, bit-usage term) through the command line:
+    --mode=eval evaluates the encoder in eval mode with statistics for each parameter set, and the
+    codes of --mode=encode are hard bits."""
+    workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
+    dmz = ["--config.autoencoder.kind=dmz", "--config.autoencoder.encoder=conv",
+           "--config.autoencoder.latent=binary", "--config.autoencoder.z_conditioning=('cross_attn',)",
+           "--config.autoencoder.pool=mean", "--config.autoencoder.bit_usage_weight=1.0",
+           "--config.autoencoder.straight_through=True", "--config.latent_sampler.num_steps=0",
+           "--config.train.num_steps=20", "--config.report.enabled=False"]
+    cli.main(small(workdir, data_dir, *dmz))
+    metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    last = [m for m in metrics if "bit_usage" in m][-1]
+    assert 0.0 <= last["bit_usage"] and 0 <= last["dead_bits"] <= 16 and last["grad_norm/encoder"] > 0
+    base = ["diffusion_jax", f"--workdir={workdir}", "--noprogress"]
+    ev = cli.main(base + ["--mode=eval"])
+    assert np.isfinite(ev["loss"]) and np.isfinite(ev["loss_ema"])
+    z = np.load(cli.main(base + ["--mode=encode"])["files"]["test"])["z"]
+    assert z.shape == (297, 32) and set(np.unique(z)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(z.reshape(297, 16, 2).sum(-1), 1.0)

@@ -174,3 +174,23 @@ def test_maybe_initialize_single_process_is_a_noop():
     assert T.maybe_initialize() is False
     with pytest.raises(ValueError, match="needs a coordinator_address"):
         T.maybe_initialize(num_processes=2, process_id=0)
+
+
+def test_grad_norm_groups_report_each_top_level_group():
+    import optax
+    params0 = {"encoder": {"w": jnp.full((3,), 2.0)}, "decoder": {"w": jnp.full((4,), -1.0)}}
+
+    def loss_fn(p, batch, rng):
+        return jnp.sum(p["encoder"]["w"] ** 2) + 3.0 * jnp.sum(p["decoder"]["w"]), {}
+
+    tx = optax.sgd(0.1)
+    state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0), ema={},
+                         rng=jax.random.PRNGKey(0), model_state={})
+    step = T.make_train_step(loss_fn, tx, grad_norm_groups=("encoder", "decoder"))
+    _, metrics = jax.jit(step)(state, _batch(), jax.random.PRNGKey(1))
+    np.testing.assert_allclose(metrics["grad_norm/encoder"], np.sqrt(3 * 4.0 ** 2), rtol=1e-6)   # 2 w
+    np.testing.assert_allclose(metrics["grad_norm/decoder"], np.sqrt(4 * 3.0 ** 2), rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], np.sqrt(48.0 + 36.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="not top-level parameter groups"):
+        jax.eval_shape(T.make_train_step(loss_fn, tx, grad_norm_groups=("nope",)), state, _batch(),
+                       jax.random.PRNGKey(1))

@@ -184,8 +184,8 @@ def latent_outputs(exp: Experiment, state, images) -> dict:
 
 
 def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, *, num: int = 256,
-                       steps: int = 50, seed: int = 0, classifier=None, train_metrics=None,
-                       log=say) -> dict:
+                       steps: int = 50, seed: int = 0, classifier=None, classifier_steps: int = 1500,
+                       train_metrics=None, log=say) -> dict:
     """Does z carry the semantics? On the first `num` test images:
 
     z_dependence   eps MSE with the image's own z and with another image's z, and the share of the
@@ -217,7 +217,7 @@ def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, 
         from diffusion_jax.evaluation import train_feature_classifier
         if classifier is None:
             log(f"diagnostics: training the feature classifier on {len(train['x'])} train images")
-            classifier = train_feature_classifier(train["x"], labels,
+            classifier = train_feature_classifier(train["x"], labels, steps=int(classifier_steps),
                                                   num_classes=int(np.max(labels)) + 1, seed=seed)
         log(f"diagnostics: decoding {n} test latents from fresh noise ({steps} DDIM steps)")
         bs = int(exp.config.sample.batch_size)

@@ -30,6 +30,15 @@ def run_eval(config, workdir: str, step: int | None) -> dict:
     param_sets = {"loss": state.params}
     if config.ema.decays:
         param_sets["loss_ema"] = state.ema[T.ema_key(config.ema.decays[0])]
+    # Stateful losses get the state's model_state; an autoencoder's encoder is evaluated in eval
+    # mode with the BatchNorm statistics that belong to each parameter set (recomputed for EMA).
+    states = {k: None for k in param_sets}
+    if exp.stateful and T.has_leaves(state.model_state):
+        states = {k: state.model_state for k in param_sets}
+        if exp.is_autoencoder and "loss_ema" in param_sets and T.has_leaves(state.model_state.get("encoder", {})):
+            from diffusion_jax.cli.autoencoder import encoder_variables
+            states["loss_ema"] = {**state.model_state,
+                                  "encoder": encoder_variables(exp, state)["batch_stats"]}
     totals = {k: 0.0 for k in param_sets}
     n_batches = n_examples = 0
     t0 = time.perf_counter()
@@ -40,7 +49,8 @@ def run_eval(config, workdir: str, step: int | None) -> dict:
         gbatch = T.shard_batch(batch, exp.mesh)
         k = jax.random.fold_in(key, i)
         for name, params in param_sets.items():
-            loss, _ = loss_fn(params, gbatch, k)
+            args = (params, gbatch, k) if states[name] is None else (params, gbatch, k, states[name])
+            loss, _ = loss_fn(*args)
             totals[name] += float(loss)
         n_batches += 1
         n_examples += bs

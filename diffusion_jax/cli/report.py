@@ -50,6 +50,7 @@ def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, pro
     progress("report: latent diagnostics (z dependence per t, class agreement, codes)")
     d = ae_lib.latent_diagnostics(exp, state, train, test, test_z, num=int(r.diagnostics_images),
                                   steps=int(r.inversion_steps), seed=int(exp.config.sample.seed),
+                                  classifier_steps=int(r.classifier_steps),
                                   train_metrics=read_metrics(workdir), log=progress)
     numbers["latent_diagnostics"] = d
     rows = []

@@ -371,6 +371,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                              "agreement, z dependence per t, code usage)"),
         "diagnostics_images": Field(int, 256, check=_positive,
                                     doc="test images of the autoencoder diagnostics"),
+        "classifier_steps": Field(int, 1500, check=_positive,
+                                  doc="train steps of the diagnostics' feature classifier"),
         "manipulate_target": Field(int, 1, check=_non_negative,
                                    doc="--mode=manipulate: the label to move images towards"),
         "manipulate_scales": Field(tuple, (0.0, 0.3, 0.6, 0.9), item=float,

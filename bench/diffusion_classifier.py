@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "diffusion_classifier.json"))
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "results", "diffusion_classifier"))
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--samples", default="8,32,128")
+    ap.add_argument("--samples", default="16")
     ap.add_argument("--batch", type=int, default=99, help="test images per classification call")
     args = ap.parse_args(argv)
     config = make_config(args.steps)

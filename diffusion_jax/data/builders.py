@@ -133,27 +133,27 @@ class ShapesConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class Shapes(_EmbeddedBuilder):
-  """Procedural shapes with known generative factors (offline, embedded)."""
+class _FactorsBuilder(_EmbeddedBuilder, skip_registration=True):
+  """Procedural images with labelled generative factors: subclasses name the rendering module
+  (``FACTOR_NAMES``, ``DISCRETE_FACTORS``, ``sample_factors``), the class names, the label factor
+  and ``_render(factors, resolution, rng)``. Split s of seed k draws from rng([k, s, *_SEED_TAIL])."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [
-      ShapesConfig(name=str(r), resolution=r,
-                   description=f"{r}x{r} shapes, 10000 train / 2000 test.")
-      for r in (32, 64)
-  ]
+  _LIB = None
+  _CLASS_NAMES: tuple = ()
+  _LABEL: str = ""
+  _SEED_TAIL: tuple = ()
 
   def _info(self):
     r = self.builder_config.resolution
+    lib = self._LIB
     factors = {k: tfds.features.ClassLabel(num_classes=n)
-               for k, n in shapes_lib.DISCRETE_FACTORS.items()}
+               for k, n in lib.DISCRETE_FACTORS.items()}
     factors.update({k: tfds.features.Scalar(dtype=np.float32)
-                    for k in shapes_lib.FACTOR_NAMES if k not in factors})
+                    for k in lib.FACTOR_NAMES if k not in factors})
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=shapes_lib.SHAPE_NAMES),
+            "label": tfds.features.ClassLabel(names=self._CLASS_NAMES),
             "factors": tfds.features.FeaturesDict(factors),
         }),
         supervised_keys=("image", "label"),
@@ -165,15 +165,35 @@ class Shapes(_EmbeddedBuilder):
     return {"train": self._generate_examples(0, cfg.num_train),
             "test": self._generate_examples(1, cfg.num_test)}
 
+  def _render(self, factors, resolution, rng):
+    raise NotImplementedError
+
   def _generate_examples(self, split_id, n):
     cfg = self.builder_config
-    rng = np.random.default_rng([cfg.seed, split_id])
-    factors = shapes_lib.sample_factors(rng, n)
-    images = shapes_lib.render(factors, cfg.resolution)
+    rng = np.random.default_rng([cfg.seed, split_id, *self._SEED_TAIL])
+    factors = self._LIB.sample_factors(rng, n)
+    images = self._render(factors, cfg.resolution, rng)
     for i in range(n):
       f = {k: v[i].item() for k, v in factors.items()}
-      yield i, {"image": encode_png(images[i]), "label": f["shape"],
+      yield i, {"image": encode_png(images[i]), "label": f[self._LABEL],
                 "factors": f}
+
+
+class Shapes(_FactorsBuilder):
+  """Procedural shapes with known generative factors (offline, embedded)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      ShapesConfig(name=str(r), resolution=r,
+                   description=f"{r}x{r} shapes, 10000 train / 2000 test.")
+      for r in (32, 64)
+  ]
+  _LIB, _CLASS_NAMES, _LABEL = shapes_lib, shapes_lib.SHAPE_NAMES, "shape"
+
+  def _render(self, factors, resolution, rng):
+    del rng
+    return shapes_lib.render(factors, resolution)
 
 
 def _register(builder_cls, config_cls, what: str, name: str, **settings) -> str:
@@ -200,14 +220,11 @@ def register_shapes_config(name: str, *, resolution: int, num_train: int,
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
-class GlyphsConfig(tfds.core.BuilderConfig):
-  resolution: int = 32
-  num_train: int = 10_000
-  num_test: int = 2_000
-  seed: int = 0
+class GlyphsConfig(ShapesConfig):
+  """The same fields as ``ShapesConfig`` (resolution, split sizes, seed)."""
 
 
-class Glyphs(_EmbeddedBuilder):
+class Glyphs(_FactorsBuilder):
   """Procedural glyphs under nuisance factors (offline, embedded)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -216,37 +233,10 @@ class Glyphs(_EmbeddedBuilder):
       GlyphsConfig(name="32", resolution=32,
                    description="32x32 glyphs, 10000 train / 2000 test.")
   ]
+  _LIB, _CLASS_NAMES, _LABEL, _SEED_TAIL = glyphs_lib, glyphs_lib.GLYPH_NAMES, "glyph", (7,)
 
-  def _info(self):
-    r = self.builder_config.resolution
-    factors = {k: tfds.features.ClassLabel(num_classes=n)
-               for k, n in glyphs_lib.DISCRETE_FACTORS.items()}
-    factors.update({k: tfds.features.Scalar(dtype=np.float32)
-                    for k in glyphs_lib.FACTOR_NAMES if k not in factors})
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=glyphs_lib.GLYPH_NAMES),
-            "factors": tfds.features.FeaturesDict(factors),
-        }),
-        supervised_keys=("image", "label"),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    cfg = self.builder_config
-    return {"train": self._generate_examples(0, cfg.num_train),
-            "test": self._generate_examples(1, cfg.num_test)}
-
-  def _generate_examples(self, split_id, n):
-    cfg = self.builder_config
-    rng = np.random.default_rng([cfg.seed, split_id, 7])
-    factors = glyphs_lib.sample_factors(rng, n)
-    images = glyphs_lib.render(factors, cfg.resolution, rng)
-    for i in range(n):
-      f = {k: v[i].item() for k, v in factors.items()}
-      yield i, {"image": encode_png(images[i]), "label": f["glyph"],
-                "factors": f}
+  def _render(self, factors, resolution, rng):
+    return glyphs_lib.render(factors, resolution, rng)
 
 
 def register_glyphs_config(name: str, *, resolution: int, num_train: int,

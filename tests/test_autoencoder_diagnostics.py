@@ -165,3 +165,25 @@ def test_inference_with_new_parameters_does_not_recompile():
     # the closed-over form gives the same numbers
     closed = A.decoder_eps_fn(module, random_variables(module, 3))
     np.testing.assert_allclose(A.reconstruct(closed, PROCESS, z, x_T, num_steps=2), outs[2], rtol=1e-4, atol=1e-3)
+
+
+def test_temperature_schedule_anneals_with_the_step_in_model_state():
+    from diffusion_jax.autoencoders.objective import tau_at
+    np.testing.assert_allclose([tau_at(s, (2.0, 0.5, 100)) for s in (0, 50, 100, 400)],
+                               [2.0, 1.0, 0.5, 0.5], rtol=1e-6)
+    module = tiny("binary", "conv")
+    v = random_variables(module, seed=5)
+    loss_fn = A.autoencoder_loss(module, PROCESS, tau_schedule=(2.0, 0.5, 100))
+    state = A.init_model_state(module, v, loss_fn)
+    assert int(state["step"]) == 0
+    f = jax.jit(loss_fn, **FAST)
+    _, aux = f(v["params"], {"x": X}, jax.random.PRNGKey(0), state)
+    assert float(aux["tau"]) == pytest.approx(2.0) and int(aux["model_state"]["step"]) == 1
+    _, aux = f(v["params"], {"x": X}, jax.random.PRNGKey(0), {**state, "step": jnp.int32(100)})
+    assert float(aux["tau"]) == pytest.approx(0.5)
+    # a lower temperature gives sharper soft codes from the same logits and noise
+    enc = A.encode_fn(module)
+    soft = [np.asarray(enc(v, X, train=True, rng=jax.random.PRNGKey(1), tau=t)[0].z) for t in (5.0, 0.2)]
+    assert np.mean(np.abs(soft[1] - 0.5)) > np.mean(np.abs(soft[0] - 0.5))
+    with pytest.raises(ValueError, match="binary"):
+        A.autoencoder_loss(tiny(), PROCESS, tau_schedule=(1.0, 0.5, 10))

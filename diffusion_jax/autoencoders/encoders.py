@@ -58,7 +58,8 @@ class LatentHead(nn.Module):
     straight_through: bool = False
 
     @nn.compact
-    def __call__(self, h: jax.Array, train: bool = False) -> LatentOutput:
+    def __call__(self, h: jax.Array, train: bool = False, tau=None) -> LatentOutput:
+        """tau: the Gumbel-softmax temperature for this call (e.g. a schedule's); None: self.tau."""
         check_latent_type(self.latent)
         h = h.astype(jnp.float32)
         b, d = h.shape[0], self.z_dim
@@ -74,7 +75,8 @@ class LatentHead(nn.Module):
             return LatentOutput(z, mean=mean, logvar=logvar, kl=gaussian_kl(mean, logvar))
         logits = out.reshape(b, d, 2)
         key = self._latent_key() if (train or self.eval_sample) else None
-        z = gumbel_softmax(key, logits, self.tau, hard=self.straight_through or not train)
+        z = gumbel_softmax(key, logits, self.tau if tau is None else tau,
+                           hard=self.straight_through or not train)
         return LatentOutput(z.reshape(b, 2 * d), logits=logits, kl=binary_kl(logits))
 
     def _latent_key(self):
@@ -109,7 +111,7 @@ class SemanticEncoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> LatentOutput:
+    def __call__(self, x: jax.Array, train: bool = False, tau=None) -> LatentOutput:
         check_latent_type(self.latent)
         if self.pool not in POOLS:
             raise ValueError(f"unknown SemanticEncoder pool {self.pool!r}; expected one of {POOLS}")
@@ -144,7 +146,7 @@ class SemanticEncoder(nn.Module):
         h = h.astype(jnp.float32)
         h = jnp.mean(h, axis=(1, 2)) if self.pool == "mean" else h.reshape(h.shape[0], -1)
         return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, self.straight_through,
-                          name="head")(h, train)
+                          name="head")(h, train, tau)
 
 
 class ConvEncoder(nn.Module):
@@ -172,7 +174,7 @@ class ConvEncoder(nn.Module):
         return max(int(size).bit_length() - 2, 0)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> LatentOutput:
+    def __call__(self, x: jax.Array, train: bool = False, tau=None) -> LatentOutput:
         check_latent_type(self.latent)
         if self.norm not in NORMS:
             raise ValueError(f"unknown ConvEncoder norm {self.norm!r}; expected one of {NORMS}")
@@ -202,7 +204,7 @@ class ConvEncoder(nn.Module):
             h = nn.leaky_relu(h, self.negative_slope).astype(self.dtype)
         h = h.reshape(h.shape[0], -1)
         return LatentHead(self.latent, self.z_dim, self.tau, self.eval_sample, self.straight_through,
-                          name="head")(h, train)
+                          name="head")(h, train, tau)
 
 
 ENCODERS = {"semantic": SemanticEncoder, "conv": ConvEncoder}

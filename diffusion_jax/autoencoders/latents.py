@@ -55,7 +55,7 @@ def gumbel_softmax(key, logits, tau: float = 1.0, hard: bool = False, axis: int 
     key=None draws no noise (g = 0): the deterministic soft / hard code of `logits`.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    if not tau > 0:
+    if isinstance(tau, (int, float)) and not tau > 0:        # a traced tau (a schedule) is not checked
         raise ValueError(f"gumbel_softmax needs a temperature tau > 0, got {tau}")
     g = 0.0 if key is None else jax.random.gumbel(key, logits.shape, jnp.float32)
     soft = jax.nn.softmax((logits + g) / tau, axis=axis)

@@ -68,8 +68,10 @@ class DiffusionAutoencoder(nn.Module):
     def setup(self):
         check_z_conditioning(self.decoder.z_conditioning)
 
-    def encode(self, x0: jax.Array, train: bool = False) -> LatentOutput:
-        return self.encoder(x0, train=train)
+    def encode(self, x0: jax.Array, train: bool = False, tau=None) -> LatentOutput:
+        if tau is None:
+            return self.encoder(x0, train=train)
+        return self.encoder(x0, train=train, tau=tau)
 
     def decode(self, x_t: jax.Array, t: jax.Array, z: jax.Array, train: bool = False) -> jax.Array:
         z = jnp.asarray(z)
@@ -194,26 +196,28 @@ def _split_rng(rng):
 
 
 def encode_fn(module: DiffusionAutoencoder) -> Callable:
-    """Pure `encode(variables, x0, *, train=False, rng=None) -> (LatentOutput, batch_stats)`.
+    """Pure `encode(variables, x0, *, train=False, rng=None, tau=None) -> (LatentOutput, batch_stats)`.
 
     `variables` = {'params', ['batch_stats']}; the returned batch_stats are the updated running
     statistics when train=True (BatchNorm uses batch statistics and updates them), else the input's
     unchanged ({} if none). `rng` seeds the latent noise ('latent') and dropout; it is required when
-    train=True and the latent is stochastic ('gaussian' / 'binary').
+    train=True and the latent is stochastic ('gaussian' / 'binary'). `tau` (float or traced) overrides
+    the Gumbel-softmax temperature of a binary latent for this call (a temperature schedule).
     """
     stochastic = _is_stochastic(module.encoder)
 
-    def encode(variables, x0, *, train: bool = False, rng=None):
+    def encode(variables, x0, *, train: bool = False, rng=None, tau=None):
         if train and stochastic and rng is None:
             raise ValueError(f"encode(train=True) with a {module.encoder.latent!r} latent samples z: pass rng=")
         variables = dict(variables)
         stats = variables.get("batch_stats", {})
         rngs = _split_rng(rng)
+        extra = {} if tau is None else {"tau": tau}
         if train and jax.tree_util.tree_leaves(stats):
             out, updates = module.apply(variables, x0, train=True, rngs=rngs, method="encode",
-                                        mutable=["batch_stats"])
+                                        mutable=["batch_stats"], **extra)
             return out, updates["batch_stats"]
-        out = module.apply(variables, x0, train=train, rngs=rngs, method="encode")
+        out = module.apply(variables, x0, train=train, rngs=rngs, method="encode", **extra)
         return out, stats
 
     return encode

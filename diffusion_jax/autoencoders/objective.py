@@ -91,13 +91,23 @@ def bit_usage(logits) -> jax.Array:
     return jnp.sum(math.log(2.0) - bit_entropy(pbar) * math.log(2.0))
 
 
+def tau_at(step, tau_schedule) -> jax.Array:
+    """Gumbel-softmax temperature tau0 (tau1 / tau0)^min(step / steps, 1) for tau_schedule = (tau0,
+    tau1, steps): exponential annealing from tau0 to tau1 over `steps` train steps, then tau1."""
+    tau0, tau1, steps = tau_schedule
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / float(steps), 1.0)
+    return jnp.float32(tau0) * (float(tau1) / float(tau0)) ** frac
+
+
 def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factory: Callable = epsilon_loss, *,
-                     kl_weight: float = 0.0, bit_usage_weight: float = 0.0, train: bool = True,
-                     **base_options) -> Callable:
+                     kl_weight: float = 0.0, bit_usage_weight: float = 0.0, tau_schedule=None,
+                     train: bool = True, **base_options) -> Callable:
     """`loss_fn(params, batch, rng, model_state=None) -> (loss, aux)`: L_base given z = encoder(x0) plus
     kl_weight * KL + bit_usage_weight * U (module docstring). `base_factory(process, apply_fn,
     **base_options)` is any objective factory (epsilon_loss, v_loss, hybrid_loss, ...); params =
-    {'encoder', 'decoder'}. train=False: the evaluation loss (encoder in evaluation mode)."""
+    {'encoder', 'decoder'}. train=False: the evaluation loss (encoder in evaluation mode).
+    tau_schedule=(tau0, tau1, steps): the binary latent's temperature annealed by `tau_at`; the train
+    step counter then lives in model_state['step'] (`init_model_state`) and aux has 'tau'."""
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     if bit_usage_weight < 0:
@@ -105,6 +115,11 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
     latent = getattr(module.encoder, "latent", "continuous")
     if bit_usage_weight and latent != "binary":
         raise ValueError(f"bit_usage_weight applies to binary latents; this encoder's latent is {latent!r}")
+    if tau_schedule is not None:
+        tau_schedule = tuple(float(v) for v in tau_schedule)
+        if latent != "binary" or len(tau_schedule) != 3 or min(tau_schedule) <= 0:
+            raise ValueError(f"tau_schedule=(tau0, tau1, steps) with positive values needs a binary "
+                             f"latent; got {tau_schedule} for a {latent!r} latent")
     base = base_factory(process, decoder_apply_fn(module), train=train, **base_options)
     base_stateful = bool(getattr(base, "stateful", False))
     encode = encode_fn(module)
@@ -122,7 +137,12 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
         variables = {"params": params}
         if _has_leaves(enc_stats):
             variables["batch_stats"] = enc_stats
-        lat, new_stats = encode(variables, x0, train=train, rng=k_enc)
+        step = state.get("step") if tau_schedule is not None else None
+        if tau_schedule is not None and step is None and train:
+            raise ValueError("a tau_schedule needs model_state=init_model_state(module, variables, loss_fn) "
+                             "(it holds the step counter)")
+        tau = tau_at(step, tau_schedule) if tau_schedule is not None and train else None
+        lat, new_stats = encode(variables, x0, train=train, rng=k_enc, tau=tau)
 
         inner = {k: v for k, v in batch.items() if k in ("t", "t_index", "t_weight")}
         inner.update(x=x0, cond={**(cond or {}), "z": lat.z})
@@ -137,23 +157,33 @@ def autoencoder_loss(module: DiffusionAutoencoder, process: Process, base_factor
         if bit_usage_weight:
             loss = loss + bit_usage_weight * bit_usage(lat.logits)
         aux.update(loss=loss, diffusion_loss=base_loss, kl=kl, **latent_statistics(lat, latent))
+        if tau is not None:
+            aux["tau"] = tau
         if given:
-            aux["model_state"] = jax.lax.stop_gradient(
-                {**state, "encoder": new_stats if _has_leaves(enc_stats) else enc_stats, "objective": new_obj})
+            new_state = {**state, "encoder": new_stats if _has_leaves(enc_stats) else enc_stats,
+                         "objective": new_obj}
+            if step is not None and train:
+                new_state["step"] = step + 1
+            aux["model_state"] = jax.lax.stop_gradient(new_state)
         return loss, aux
 
     loss_fn.stateful = base_stateful
+    loss_fn.tau_schedule = tau_schedule
     loss_fn.base_loss = base
     loss_fn.module = module
     return loss_fn
 
 
 def init_model_state(module: DiffusionAutoencoder, variables, loss: Optional[Callable] = None) -> dict:
-    """{'encoder': variables['batch_stats'] or {}, 'objective': the base loss's `init_state()` or {}}."""
+    """{'encoder': variables['batch_stats'] or {}, 'objective': the base loss's `init_state()` or {}},
+    plus 'step': 0 (int32) when the loss anneals the temperature (tau_schedule)."""
     del module
     base = getattr(loss, "base_loss", loss)
     objective = base.init_state() if getattr(base, "stateful", False) and hasattr(base, "init_state") else {}
-    return {"encoder": dict(variables).get("batch_stats", {}), "objective": objective}
+    state = {"encoder": dict(variables).get("batch_stats", {}), "objective": objective}
+    if getattr(loss, "tau_schedule", None) is not None:
+        state["step"] = jnp.zeros((), jnp.int32)
+    return state
 
 
-__all__ = ["autoencoder_loss", "bit_usage", "init_model_state", "latent_statistics"]
+__all__ = ["autoencoder_loss", "bit_usage", "init_model_state", "latent_statistics", "tau_at"]

@@ -7,8 +7,8 @@ latent helpers the train loop and the report share.
     python -m diffusion_jax --workdir=runs/x --mode=manipulate    # manipulations/step<N>.png/json
 
 Each reads the newest checkpoint (or --step), uses the EMA parameters and the encoder's BatchNorm
-statistics recomputed for them (`encoder_variables`), and writes its PNG / JSON / NPZ next to the run. The images are
-the first `report.num_reconstructions` of `config.eval.split`.
+statistics recomputed for them (`encoder_variables`), and writes its PNG / JSON / NPZ next to the
+run. The images are the first `report.num_reconstructions` of `config.eval.split`.
 """
 from __future__ import annotations
 
@@ -51,7 +51,6 @@ def encoder_variables(exp: Experiment, state) -> dict:
     recomputed for those parameters on (up to 2 048 images of) the train split
     (`autoencoders.recompute_batch_stats`): the running statistics in the state were gathered
     under the online weights. Cached per state on the experiment."""
-    import jax
     from diffusion_jax.autoencoders import recompute_batch_stats
     from diffusion_jax.training.state import has_leaves
 
@@ -66,7 +65,8 @@ def encoder_variables(exp: Experiment, state) -> dict:
         if params is not state.params:
             images = load_arrays(exp.config, "train", 2048)["x"]
             variables["batch_stats"] = recompute_batch_stats(exp.module, variables, images)
-    exp.cache = {k: v for k, v in exp.cache.items() if k[0] != "encoder_variables"}
+    exp.cache = {k: v for k, v in exp.cache.items()
+                 if not (isinstance(k, tuple) and k[0] == "encoder_variables")}
     exp.cache[key] = variables
     return variables
 

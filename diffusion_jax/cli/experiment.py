@@ -168,7 +168,11 @@ def _objective(config, process, apply_fn, module, *, train: bool = True):
     kwargs = {k: v for k, v in cv.kwargs_dict(config.objective.kwargs).items()}
     loss = autoencoder_loss(module, process, spec.get_factory(),
                             kl_weight=config.autoencoder.kl_weight,
-                            bit_usage_weight=config.autoencoder.bit_usage_weight, train=train, **kwargs)
+                            bit_usage_weight=config.autoencoder.bit_usage_weight,
+                            tau_schedule=(None if config.autoencoder.tau_final is None else
+                                          (config.autoencoder.tau, config.autoencoder.tau_final,
+                                           config.autoencoder.tau_anneal_steps)),
+                            train=train, **kwargs)
     return loss, True, (lambda variables: init_model_state(module, variables, loss))
 
 
@@ -384,7 +388,7 @@ def state_structure(d: dict) -> dict:
     ae = d.get("autoencoder", {}) or {}
     shaping = {"kind": "none", "encoder": None, "latent": None, "z_dim": None, "z_conditioning": None,
                "encoder_ch": None, "encoder_ch_mult": None, "encoder_num_res_blocks": None,
-               "encoder_attn_resolutions": None, "norm": "batch", "pool": "mean"}
+               "encoder_attn_resolutions": None, "norm": "batch", "pool": "mean", "tau_final": None}
     return {"model": d.get("model", {}),
             "autoencoder": {k: ae.get(k, v) for k, v in shaping.items()} if ae.get("kind", "none") != "none"
             else "none",

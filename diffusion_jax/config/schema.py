@@ -335,7 +335,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                   doc="binary: batch-level KL of each bit's mean posterior to Bernoulli(1/2)"),
         "straight_through": Field(bool, False, doc="binary: hard Gumbel samples with straight-through "
                                                    "gradients in training (else soft codes)"),
-        "tau": Field(float, 1.0, check=_positive, doc="Gumbel-softmax temperature"),
+        "tau": Field(float, 1.0, check=_positive, doc="Gumbel-softmax temperature (the start of a schedule)"),
+        "tau_final": Field(float, None, optional=True, check=_positive,
+                           doc="binary: anneal tau exponentially to this value over tau_anneal_steps; "
+                               "None: constant tau"),
+        "tau_anneal_steps": Field(int, 0, check=_non_negative, doc="steps of the tau schedule"),
         "prior": Field(str, "bernoulli", choices=("bernoulli", "empirical"),
                        doc="binary latents for generation: Bernoulli(0.5) or per-bit frequencies"),
     },

@@ -235,6 +235,10 @@ def _check_cross(config):
         if ae.straight_through and latent != "binary":
             raise ConfigError(f"config.autoencoder.straight_through applies to binary latents; this "
                               f"autoencoder's latent is {latent!r}")
+        if ae.tau_final is not None and (latent != "binary" or ae.tau_anneal_steps < 1):
+            raise ConfigError(f"config.autoencoder.tau_final anneals a binary latent's temperature over "
+                              f"autoencoder.tau_anneal_steps >= 1 steps; got latent {latent!r}, "
+                              f"tau_anneal_steps={ae.tau_anneal_steps}")
         if ae.pool != "mean" and encoder != "semantic":
             raise ConfigError(f"config.autoencoder.pool={ae.pool!r} applies to the semantic encoder; "
                               f"this autoencoder's encoder is {encoder!r}")

@@ -1,7 +1,7 @@
 """The embedded default, the README's first command: a small DiffAE (diffusion autoencoder) on the
 digits/16 dataset (1 500 16x16 grey-scale digits from scikit-learn, prepared offline on first use).
-It trains in about 8 minutes on 2 CPU cores (10.5 min end to end with the report) and needs
-nothing downloaded:
+It trains in 8-11 minutes on 2 CPU cores (10.5-16 min end to end with the report, as the
+machine's speed varies) and needs nothing downloaded:
 
     python -m diffusion_jax --config=configs/default.py --workdir=runs/default
 
@@ -16,7 +16,8 @@ Not a paper configuration (configs/diffae_ffhq64.py is): sizes and rates are cho
               digits with a two-level encoder z then probes below PCA-32 (issue 12; see
               bench/autoencoder_design.py)
     decoder   UNet ch 32, ch_mult (1, 2), 1 res block, attention at 8x8, AdaGN time conditioning,
-              z_sem through h (1 + W z) in every ResBlock (DiffAE); 0.9M parameters in all
+              z_sem through h (1 + W z) in every ResBlock (DiffAE); 0.77M parameters, the encoder
+              0.38M (1.15M in all)
     process   cosine (improved DDPM), v prediction (Salimans & Ho 2022), uniform t. In eps units
               the v loss weighs each t by 1/alpha_t^2, i.e. it counts the high-noise steps where
               the content of the image is decided; with L_simple (eps) the decoder learns to use z

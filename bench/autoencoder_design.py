@@ -29,8 +29,8 @@ Variants (name: what changes from the default):
                     time_add
     z8, z128        the default with 8 / 128 latent dimensions
     dmz_*           32 Gumbel-softmax bits through a cross-attention token (DMZ's design, conv
-                    encoder with BatchNorm, v objective): plain, + bit-usage term (weight 1),
-                    + straight-through hard codes, + both
+                    encoder with BatchNorm, v objective): plain, + bit-usage term (weight 1, or
+                    0.01: dmz_usage_small), + straight-through hard codes, + both
 The training-length axis is the default variant measured at steps/2 and steps (and 2 steps with
 --long); the README's main job is the same design at 1 500 steps.
 """
@@ -78,6 +78,7 @@ VARIANTS = {
     "z128": {"autoencoder.z_dim": 128},
     "dmz_plain": DMZ,
     "dmz_usage": {**DMZ, "autoencoder.bit_usage_weight": 1.0},
+    "dmz_usage_small": {**DMZ, "autoencoder.bit_usage_weight": 0.01},
     "dmz_st": {**DMZ, "autoencoder.straight_through": True},
     "dmz_usage_st": {**DMZ, "autoencoder.bit_usage_weight": 1.0, "autoencoder.straight_through": True},
 }

@@ -106,7 +106,8 @@ def train(config, tr, steps: int, eval_at: tuple[int, ...], evaluate):
     variables = nn.unbox(module.init({"params": key}, x1, jnp.zeros((1,)), x1, train=False))
     params, mstate = variables["params"], init_state(variables)
     o = config.optim
-    sched = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, steps,
+    warmup = min(o.warmup_steps, steps // 2)          # the config's 100 for >= 200 steps (--quick: fewer)
+    sched = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, steps,
                                                o.learning_rate * o.end_lr_factor)
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adamw(sched, weight_decay=o.weight_decay))
     opt = tx.init(params)
@@ -140,14 +141,17 @@ def train(config, tr, steps: int, eval_at: tuple[int, ...], evaluate):
 
 def make_evaluator(config, tr, te, clf, log):
     prediction = cv.objective_prediction(config.objective)
+    encoders = {}                        # one compiled encoder per module (evaluated several times)
 
     def evaluate(module, process, ema, mstate, seconds, grad_enc, grad_dec):
         variables = {"params": ema}
         if jax.tree_util.tree_leaves(mstate["encoder"]):          # BatchNorm: statistics for the EMA weights
             variables["batch_stats"] = recompute_batch_stats(module, {**variables, "batch_stats": mstate["encoder"]},
                                                              tr["x"][:1024])
-        enc = jax.jit(lambda v, x: {k: a for k, a in encode_fn(module)(v, x)[0]._asdict().items()
-                                    if a is not None})
+        if module not in encoders:
+            encoders[module] = jax.jit(lambda v, x: {k: a for k, a in encode_fn(module)(v, x)[0]._asdict().items()
+                                                     if a is not None})
+        enc = encoders[module]
         ztr = np.concatenate([np.asarray(enc(variables, tr["x"][i:i + 500])["z"])
                               for i in range(0, len(tr["x"]), 500)])
         lat = enc(variables, te["x"])

@@ -87,7 +87,8 @@ class LatentHead(nn.Module):
 
 
 class SemanticEncoder(nn.Module):
-    """DiffAE's semantic encoder: a half UNet, global average pooling and a latent head.
+    """DiffAE's semantic encoder: a half UNet, pooling ('mean': DiffAE's global average; 'flatten')
+    and a latent head.
 
     x (B, H, W, C) with H, W divisible by 2**(len(ch_mult) - 1) -> LatentOutput with z (B, z_dim)
     (2 z_dim for 'binary'). Level l has ch * ch_mult[l] channels; `use_mid` adds the UNet's middle

@@ -16,6 +16,17 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.4",
     "absl-py>=2.1",
     "tqdm>=4.66",
+    "safetensors>=0.4",
+]
+
+REFERENCE_IMPLEMENTATIONS = [
+    "torch==2.14.1; platform_machine != 'aarch64'",
+    "torchvision==0.29.1; platform_machine != 'aarch64'",
+    "torch==2.9.1; platform_machine == 'aarch64'",
+    "torchvision==0.24.1; platform_machine == 'aarch64'",
+    "pytorch-fid>=0.3",
+    "torch-fidelity>=0.3",
+    "diffusers>=0.30",
 ]
 
 setup(
@@ -29,8 +40,11 @@ setup(
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
-        "bench": ["scipy>=1.11", "torch"],
+        # The reference implementations the tests compare against, on randomly initialised models
+        # (nothing is downloaded). torch / torchvision pinned to builds that pair with each other.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", *REFERENCE_IMPLEMENTATIONS],
+        "bench": ["scipy>=1.11", *REFERENCE_IMPLEMENTATIONS],
     },
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.cli:run"]},
 )

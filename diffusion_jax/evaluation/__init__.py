@@ -8,6 +8,10 @@ role), and the distances are the usual ones on those features:
     classifier.py    FeatureClassifier (small CNN), train_feature_classifier, features / accuracy
     distances.py     frechet_distance (FID's formula), kernel_distance (KID: unbiased MMD^2 with
                      the cubic polynomial kernel), both on (N, D) feature arrays
+    inception.py     the FID Inception-v3 (pytorch-fid's) in Flax, from the published .pth
+                     (weights given by path), InceptionFeatureExtractor (jitted, sharded)
+    sample_quality.py  FID / IS / KID / precision-recall as pytorch-fid and torch-fidelity
+                     compute them; streamed statistics; reference .npz files (mu, sigma)
 
     net = train_feature_classifier(train_images, train_labels, num_classes=10)
     fd = frechet_distance(net.features(test_images), net.features(samples))

@@ -9,39 +9,14 @@ from diffusion_jax.evaluation import inception as inc
 from diffusion_jax.evaluation import sample_quality as sq
 from diffusion_jax.weights.diffusers import WeightsError
 
-pfi = pytest.importorskip("pytorch_fid.inception")
-
-
-def _random_fid_inception():
-    """pytorch-fid's fid_inception_v3 without the download: random conv / fc weights, random BN
-    affine, BN running statistics set from a batch (so activations stay O(1) through the net)."""
-    torch.manual_seed(0)
-    m = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    m.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
-    m.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
-    m.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
-    m.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
-    m.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
-    m.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
-    m.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
-    m.Mixed_7b = pfi.FIDInceptionE_1(1280)
-    m.Mixed_7c = pfi.FIDInceptionE_2(2048)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.momentum = 1.0
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.2, 0.2)
-        m.fc.bias.normal_()
-        m.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
-    return m.eval()
+from _fid_common import write_random_weights  # noqa: E402
+from pytorch_fid import inception as pfi  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / inc.FID_WEIGHTS_FILE
-    sd = _random_fid_inception().state_dict()
-    torch.save(sd, path)
+    sd = write_random_weights(path)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     orig = pfi.load_state_dict_from_url

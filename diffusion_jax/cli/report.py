@@ -197,6 +197,13 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
         rep.add_image("Readout sweep (DDAE)", rel(heat))
         numbers["probe"] = table["rows"]
         numbers["readout_best"] = table["best"]
+    from diffusion_jax.cli.quality import quality_rows
+    quality = quality_rows(workdir)
+    if quality:
+        rep.add_table("Sample quality (--mode=fid)", quality,
+                      caption="FID / IS / KID / precision-recall of the FID Inception-v3 "
+                              "(pytorch-fid weights), from workdir/quality/*.json")
+        numbers["quality"] = quality
     numbers["seconds"] = time.perf_counter() - t0
     md, html = rep.write(workdir)
     with open(os.path.join(workdir, "report.json"), "w") as f:

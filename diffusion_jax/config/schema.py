@@ -233,6 +233,18 @@ def _z_modes_check(v):
     return None
 
 
+def _quality_metrics_check(v):
+    valid = ("fid", "is", "kid", "prc")
+    bad = [m for m in v if m not in valid]
+    if bad:
+        return f"unknown metrics {bad}; valid: {', '.join(valid)}"
+    if not v:
+        return "must name at least one metric"
+    if len(set(v)) != len(v):
+        return "lists a metric twice"
+    return None
+
+
 SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "name": Field(str, "digits/16",
@@ -381,6 +393,31 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    doc="--mode=manipulate: the label to move images towards"),
         "manipulate_scales": Field(tuple, (0.0, 0.3, 0.6, 0.9), item=float,
                                    doc="s of z + s sqrt(D) w / ||w|| (DiffAE: 0.3)"),
+    },
+    "quality": {
+        "inception_weights": Field(str, None, optional=True,
+                                   doc="--mode=fid: path of pytorch-fid's "
+                                       "pt_inception-2015-12-05-6726825d.pth (published at "
+                                       "github.com/mseitzer/pytorch-fid/releases/tag/fid_weights)"),
+        "reference_stats": Field(str, None, optional=True,
+                                 doc="a statistics .npz (keys mu, sigma; optionally features for "
+                                     "kid / prc); None: computed from data.name's "
+                                     "reference_split (cached in workdir/quality/)"),
+        "reference_split": Field(str, "train", doc="the split the reference statistics come from"),
+        "reference_num_images": Field(int, 0, check=_non_negative, doc="0: the whole split"),
+        "num_samples": Field(int, 50000, check=_positive, doc="generated images (papers: 50k)"),
+        "batch_size": Field(int, 200, check=_positive,
+                            doc="Inception batch (divisible by the mesh's 'data' axis)"),
+        "resize": Field(str, "reference", choices=("reference", "clean"),
+                        doc="to 299x299: 'reference' bilinear as pytorch-fid; 'clean' PIL bicubic "
+                            "as clean-fid"),
+        "metrics": Field(tuple, ("fid", "is"), item=str, check=_quality_metrics_check,
+                         doc="of fid, is, kid, prc (kid / prc need reference features)"),
+        "is_splits": Field(int, 10, check=_positive),
+        "kid_subsets": Field(int, 100, check=_positive),
+        "kid_subset_size": Field(int, 1000, check=_positive),
+        "prc_k": Field(int, 3, check=_positive, doc="precision/recall: k of the k-NN balls"),
+        "seed": Field(int, 2020, doc="IS shuffle and KID subsets (torch-fidelity's default)"),
     },
     "distributed": {
         "coordinator_address": Field(str, None, optional=True),

@@ -125,7 +125,8 @@ def frechet_inception_distance(mu_g, sigma_g, mu_r, sigma_r, eps: float = 1e-6) 
 def inception_score(logits, splits: int = 10, shuffle: bool = True,
                     seed: int = 2020) -> tuple[float, float]:
     """(mean, std) over `splits` of exp(mean_x KL(softmax(l_x) || mean softmax)), float64; the
-    rows are first permuted by np.random.RandomState(seed) as torch-fidelity does."""
+    rows are first permuted by np.random.RandomState(seed) as torch-fidelity does. Terms with
+    p = 0 count 0 (torch-fidelity's 0 * log 0 gives nan when a softmax underflows)."""
     l = np.asarray(logits, np.float64)
     if l.ndim != 2 or len(l) < splits:
         raise ValueError(f"Inception Score needs (N, C) logits with N >= splits ({splits}), got "
@@ -140,7 +141,9 @@ def inception_score(logits, splits: int = 10, shuffle: bool = True,
     for i in range(splits):
         sl = slice(i * n // splits, (i + 1) * n // splits)
         q = p[sl].mean(0, keepdims=True)
-        scores.append(np.exp((p[sl] * (log_p[sl] - np.log(q))).sum(1).mean()))
+        with np.errstate(divide="ignore", invalid="ignore"):   # 0 log 0 = 0 (q = 0 => p = 0)
+            kl = np.where(p[sl] > 0, p[sl] * (log_p[sl] - np.log(q)), 0.0)
+        scores.append(np.exp(kl.sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
 

@@ -18,7 +18,9 @@ Identical to `score_sde_vp_cifar10.py` but for the process (read from that file)
 network predicts eps and the score is -eps_hat / sigma (score_sde's sub-VP models,
 scale_by_sigma=False), so the loss is denoising score matching with sigma^2 weighting, reduce
 'mean' ('dsm' with prediction 'eps'), t ~ U[1e-5, 1] (process t_min = 1e-5: score_sde's training
-eps); sampling stops at t = 1e-3 (its sampling eps). The time embedding sees 999 t (score_sde's
+eps); sampling stops at t = 1e-3 (its sampling eps) with the VP file's final denoising step
+(noise_removal, `sample.denoise_final`); bits/dim at score_sde's likelihood eps 1e-5
+(`eval.bpd_t_min`). The time embedding sees 999 t (score_sde's
 labels for continuous VP / sub-VP). Not modelled: init_scale 0 of the residual blocks' last convs,
 n_jitted_steps (a speed option). The stored copy of the upstream default_cifar10_configs.py reads
 batch_size 2 with 128 commented out (a debugging edit); the paper and the other copies

@@ -17,7 +17,12 @@ DDPM++ cont. deep VP 3.13 bits/dim, ODE FID 3.08.
 Mapping: the network predicts eps and the score is -eps_hat / sigma (score_sde's VP models,
 scale_by_sigma=False), so the loss is denoising score matching with sigma^2 weighting, reduce
 'mean' ('dsm' with prediction 'eps'), t ~ U[1e-5, 1] (process t_min = 1e-5: score_sde's training
-eps); sampling stops at t = 1e-3 (its sampling eps). The time embedding sees 999 t (score_sde's
+eps); sampling stops at t = 1e-3 (its sampling eps). Sampling: score_sde evaluates the predictor at
+the N = 1000 times linspace(1, 1e-3, N), adding noise at every step but the last, whose noise-free
+mean x + (f x - g^2 score) dt (noise_removal) is the denoised x0_hat = x + sigma^2 score to first
+order; here 999 Euler-Maruyama steps on those times, all with noise, then x0_hat at 1e-3
+(`sample.denoise_final`): 1000 NFE. Likelihood (`eval.bpd_t_min`): score_sde's likelihood eps 1e-5.
+The time embedding sees 999 t (score_sde's
 labels for continuous VP / sub-VP). Not modelled: init_scale 0 of the residual blocks' last convs,
 n_jitted_steps (a speed option). The stored copy of the upstream default_cifar10_configs.py reads
 batch_size 2 with 128 commented out (a debugging edit); the paper and the other copies
@@ -86,12 +91,13 @@ def get_config(variant: str = ""):
 
     sample = config.sample
     sample.sampler = "euler_maruyama"    # PC: predictor euler_maruyama, corrector none
-    sample.num_steps = 1000              # num_scales
+    sample.num_steps = 999               # grid linspace(1, eps, num_scales = 1000): score_sde's timesteps
     sample.spacing = "uniform"
     sample.t_end = 1e-3                  # sampling eps
-    sample.denoise_final = True          # noise_removal
+    sample.denoise_final = True          # noise_removal: the last call returns x0_hat (1000 NFE)
     sample.num_samples = 64
 
     config.eval.bpd = False              # eval.enable_bpd (slow; 5 repeats in the paper)
     config.eval.bpd_repeats = 5
+    config.eval.bpd_t_min = 1e-5         # likelihood eps (score_sde's get_likelihood_fn eps=1e-5)
     return config

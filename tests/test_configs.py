@@ -66,7 +66,8 @@ def test_ddpm_cifar10_is_ho_et_al():
     assert tuple(o.betas) == (0.9, 0.999) and o.eps == 1e-8          # Adam's defaults
     assert tuple(c.ema.decays) == (0.9999,)
     assert c.train.num_steps == 800_000
-    assert c.sample.sampler == "ancestral" and c.sample.num_steps == 1000
+    # Ho's 1000 calls: 999 ancestral steps on t = (n + 1)/T, then x0_hat at n = 0 (denoise_final).
+    assert c.sample.sampler == "ancestral" and c.sample.num_steps == 999 and c.sample.denoise_final
     assert c.sample.kwargs.variance == "beta"      # model_var_type='fixedlarge'
 
 

@@ -425,12 +425,13 @@ class ReadOnlyCheckpoints:
     `training.Checkpointer` is a writer: its manager removes unfinished `*.orbax-checkpoint-tmp*`
     directories when it starts (and may move unreadable steps aside), which would break a training
     job saving into the same workdir while a user samples or evaluates from it. This reader uses
-    Orbax's read-only manager on the same layout (`<step>/state`, `<step>/config`)."""
+    Orbax's read-only manager on the same layout (`<step>/state`, `<step>/config`). A relative
+    directory is taken from the current directory (Orbax itself wants absolute paths)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str | os.PathLike):
         import orbax.checkpoint as ocp
         self._ocp = ocp
-        self.directory = directory
+        self.directory = directory = os.path.abspath(os.fspath(directory))
         self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             read_only=True, create=False, cleanup_tmp_directories=False))
 

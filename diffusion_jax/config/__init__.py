@@ -18,7 +18,7 @@ one with every field at its default; the files in `configs/` start from it):
     sample       sampler (`diffusion_jax.sampling.SAMPLERS`), num_steps, spacing, t_end,
                  num_samples, batch_size, denoise_final, guidance_scale, use_ema, seed, and
                  kwargs (the sampler's options, e.g. snr for 'pc')
-    eval         split, batch_size, num_batches, bpd, bpd_num_examples, bpd_repeats
+    eval         split, batch_size, num_batches, bpd, bpd_num_examples, bpd_repeats, bpd_t_min
     distributed  coordinator_address, num_processes, process_id (None: single process)
     autoencoder  kind 'none' | 'diffae' | 'dmz' and the design axes: encoder, latent, z_dim,
                  z_conditioning, encoder sizes, norm, kl_weight, tau, prior (None: the kind's)

@@ -98,6 +98,17 @@ UNET_FIELDS: dict[str, Field] = {
     "head_dim": Field(int, None, optional=True),
     "scale_shift_norm": Field(bool, False),
     "skip_rescale": Field(bool, False),
+    # Conventions of published checkpoints (weights.diffusers.unet2d); defaults: the library's own.
+    "time_offset": Field(float, 0.0, doc="the embedding sees time_scale * t - time_offset "
+                                         "(1 with time_scale T: integer DDPM steps n = T t - 1)"),
+    "time_flip_sin_cos": Field(bool, False, doc="sinusoidal embedding [cos, sin]"),
+    "time_freq_shift": Field(float, 1.0, doc="sinusoidal frequencies 10000^(-k / (ch/2 - shift))"),
+    "norm_groups": Field(int, None, optional=True, check=_positive,
+                         doc="GroupNorm groups; None: min(C // 4, 32)"),
+    "norm_eps": Field(float, 1e-6, check=_positive),
+    "downsample_padding": Field(str, "same", choices=("same", "symmetric"),
+                                doc="stride-2 conv: 'same' pads (0, 1) (DDPM), 'symmetric' (1, 1)"),
+    "mid_attn": Field(bool, True, doc="attention in the middle block"),
 }
 DIT_FIELDS: dict[str, Field] = {
     "patch_size": Field(int, 2, check=_positive),
@@ -256,7 +267,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "data_dir": Field(str, None, optional=True, doc="tfds data dir; None: $TFDS_DATA_DIR or "
                                                         "~/tensorflow_datasets"),
     },
-    "model": {"type": Field(str, "unet", choices=MODEL_TYPES)},   # + MODEL_FIELDS[type]
+    "model": {"type": Field(str, "unet", choices=MODEL_TYPES),      # + MODEL_FIELDS[type]
+              "init_from": Field(str, "", doc="'diffusers:<folder>': the network's fields and "
+                                              "initial weights from a diffusers model folder")},
     "process": {"name": Field(str, "vp", choices=_process_names)},  # + kwargs
     "objective": {
         "name": Field(str, "eps", choices=tuple(OBJECTIVES)),         # + kwargs
@@ -304,7 +317,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "batch_size": Field(int, 256, check=_positive, doc="samples per sampler call"),
         "t_end": Field(float, None, optional=True, check=_positive,
                        doc="last time of the grid; None: the process' t_min"),
-        "denoise_final": Field(bool, False),
+        "denoise_final": Field(bool, True,
+                               doc="end with x0_hat = (x - sigma eps) / alpha at the last time, as every "
+                                   "paper's sampler does (Ho et al., DDIM, score_sde noise_removal, EDM); "
+                                   "False leaves noise of sigma(t_end) in the samples"),
         "guidance_scale": Field(float, 1.0, doc="classifier-free guidance; 1 = plain conditional"),
         "use_ema": Field(bool, True),
         "seed": Field(int, 0),
@@ -318,6 +334,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                      doc="also bits/dim through the PF-ODE (diffusion_jax.likelihood)"),
         "bpd_num_examples": Field(int, 64, check=_positive),
         "bpd_repeats": Field(int, 1, check=_positive),
+        "bpd_t_min": Field(float, None, optional=True, check=_positive,
+                           doc="the time the PF-ODE likelihood starts from (score_sde's likelihood "
+                               "eps, 1e-5); None: the process' t_min. Recorded with the bpd"),
     },
     "autoencoder": {
         "kind": Field(str, "none", choices=AUTOENCODER_KINDS,

@@ -265,6 +265,16 @@ def _check_cross(config):
             e.decays = (decay,)
 
 
+def _check_times(config, process):
+    """eval.bpd_t_min inside the process' time range [t_min, t_max)."""
+    t = config.eval.bpd_t_min
+    if t is not None and not process.t_min - 1e-12 <= t < process.t_max:
+        raise ConfigError(
+            f"config.eval.bpd_t_min={t!r} is outside the time range [{process.t_min:g}, "
+            f"{process.t_max:g}) of the process {config.process.name!r}; the model is defined from "
+            f"t_min on (lower it with config.process.kwargs.t_min, the training range)")
+
+
 def validate(config: ml_collections.ConfigDict, *, lock: bool = True) -> ml_collections.ConfigDict:
     """Checks `config` against the schema (raises `ConfigError`), fills defaults and derived
     values, builds the process and the objective once to check their options, and locks it.
@@ -306,6 +316,7 @@ def validate(config: ml_collections.ConfigDict, *, lock: bool = True) -> ml_coll
             process = build_process(config)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config.process: {e}") from None
+        _check_times(config, process)
         try:
             build_objective(config, process, _dummy_apply)
         except (ValueError, TypeError, KeyError) as e:

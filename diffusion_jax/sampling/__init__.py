@@ -21,14 +21,14 @@ prior, builds the grid, runs the jitted sampler and checks its output.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.processes.base import Process
-from diffusion_jax.processes.predictions import x0_from_eps
-from diffusion_jax.sampling.ancestral import ancestral
+from diffusion_jax.processes.base import Process, as_time, schedule_dtype
+from diffusion_jax.sampling.ancestral import ancestral, x0_eps_from_eps
 from diffusion_jax.sampling.common import (
     SamplerOutput, batch_time, check_denoiser, raise_if_nonfinite,
 )
@@ -71,12 +71,27 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+def _takes(name: str, option: str) -> bool:
+    """Whether sampler `name` has the keyword argument `option`."""
+    return option in inspect.signature(SAMPLERS[name].fn).parameters
+
+
+def final_x0(eps_fn: Callable, process: Process, x, t, cond=None, *, clip_x0: bool = False) -> jax.Array:
+    """The denoising last step: x0_hat = (x - sigma_t eps(x, t)) / alpha_t at the scalar time t, clipped to
+    [-1, 1] with clip_x0, in x's dtype. A pair (eps, v) (learned variance) uses its eps. This is the
+    last model call of Ho et al.'s p_sample loop (the posterior mean at t = 1 -> 0 is x0_hat), DDIM's
+    step to t = 0, EDM's Euler step to sigma = 0 and score_sde's `noise_removal`."""
+    out = eps_fn(x, batch_time(t, x), cond)
+    eps = out[0] if isinstance(out, (tuple, list)) else out
+    return x0_eps_from_eps(process, x, as_time(t), eps, x.dtype, clip_x0)[0].astype(x.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("name", "eps_fn", "process", "denoise_final", "options"))
 def _run(name, eps_fn, process, x, ts, cond, key, denoise_final, options):
-    out = SAMPLERS[name].fn(eps_fn, process, x, ts, cond=cond, key=key, **dict(options))
+    options = dict(options)
+    out = SAMPLERS[name].fn(eps_fn, process, x, ts, cond=cond, key=key, **options)
     if denoise_final:
-        t = batch_time(ts[-1], out.x)
-        x0 = x0_from_eps(process, out.x, t, eps_fn(out.x, t, cond))
+        x0 = final_x0(eps_fn, process, out.x, ts[-1], cond, clip_x0=bool(options.get("clip_x0", False)))
         out = out._replace(x=x0, nfe=out.nfe + 1)
     return out
 
@@ -91,6 +106,17 @@ def sample(name: str, eps_fn: Callable, process: Process, key, shape, *, num_ste
     draw and the sampler's noise, so the same key gives the same samples. With check=True the
     denoiser's output shape is checked first and non-finite states raise FloatingPointError.
     `ts` (a decreasing grid, e.g. `optimize_time_grid(...).ts`) replaces num_steps/spacing/t_start/t_end.
+
+    denoise_final=True ends with one more denoiser call, x = `final_x0`(x, ts[-1]) (clipped when the
+    sampler's clip_x0 is set): the papers' last step (Ho et al.'s p_sample at t = 1, DDIM's step to
+    t = 0, EDM's Euler step to sigma = 0, score_sde's noise removal); NFE + 1. The sampler's own last
+    step is then not the last one, so a stochastic sampler with `noise_final` (ancestral, ddim with
+    eta > 0, euler_maruyama, pc) keeps its noise there (noise_final=True unless passed explicitly):
+    ancestral sampling on the DDPM grid t_n = (n + 1)/T with N = T - 1 steps and denoise_final is
+    exactly Ho et al.'s sampler, noise added at every step n -> n - 1 and x0_hat returned at n = 0.
+
+    The state (prior draw or x_init) is in the schedule dtype, `processes.schedule_dtype()`: float32,
+    or float64 under `jax_enable_x64` (the network may compute in bfloat16; its output is cast).
     """
     spec = get_sampler(name)
     spacing = spec.default_spacing if spacing is None else spacing
@@ -101,17 +127,20 @@ def sample(name: str, eps_fn: Callable, process: Process, key, shape, *, num_ste
     else:
         ts = check_grid(process, ts)
         t_start = float(ts[0])
+    dtype = schedule_dtype()
     k_prior, k_sampler = jax.random.split(key)
     if x_init is None:
-        x = process.prior_sample(k_prior, tuple(shape))
+        x = process.prior_sample(k_prior, tuple(shape), dtype)
         if t_start is not None and t_start < process.t_max:
             raise ValueError("t_start below t_max needs x_init (a state at t_start), not a prior draw")
     else:
-        x = jnp.asarray(x_init, jnp.float32)
+        x = jnp.asarray(x_init).astype(dtype)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"x_init has shape {tuple(x.shape)} but shape={tuple(shape)} was requested")
     if check:
         check_denoiser(eps_fn, x, ts[0], cond, pair=options.get("variance") == "learned_range")
+    if denoise_final and _takes(name, "noise_final"):
+        options.setdefault("noise_final", True)
     options = tuple(sorted(options.items()))
     out = _run(name, eps_fn, process, x, ts, cond, k_sampler, denoise_final, options)
     if check:
@@ -128,5 +157,5 @@ def steps_for_nfe(name: str, nfe: int) -> int:
 __all__ = [
     "GridFit", "SAMPLERS", "SPACINGS", "SamplerOutput", "SamplerSpec", "adaptive", "ancestral", "classifier_free_guidance",
     "classifier_guidance", "ddim", "ddim_invert", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "euler", "euler_maruyama",
-    "check_grid", "get_sampler", "heun", "optimize_time_grid", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
+    "check_grid", "final_x0", "get_sampler", "heun", "optimize_time_grid", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
 ]

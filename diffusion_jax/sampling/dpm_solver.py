@@ -115,16 +115,19 @@ def _linear_multistep(eps_fn, process: Process, x, ts, cond, ratio, coefs, noise
     alpha, sigma = process.alpha(ts), process.sigma(ts)
     depth = coefs.shape[1]
 
+    dtype = x.dtype
+
     def step(carry, inp):
         x, hist, bad = carry
         i, t, a, s, ratio_i, c = inp
-        x0 = (x - s * call_eps(eps_fn, x, t, cond)) / a
+        x0 = ((x - s * call_eps(eps_fn, x, t, cond)) / a).astype(dtype)
         hist = (x0,) + hist[:-1]
         x_next = ratio_i * x
         for j in range(depth):
             x_next = x_next + c[j] * hist[j]
         if noise_std is not None:
-            x_next = x_next + noise_std[i] * step_noise(key, noise, i, x.shape, x.dtype)
+            x_next = x_next + noise_std[i] * step_noise(key, noise, i, x.shape, dtype)
+        x_next = x_next.astype(dtype)
         return (x_next, hist, track_nonfinite(bad, i, x_next)), None
 
     num_steps = ts.shape[0] - 1

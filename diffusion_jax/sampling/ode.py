@@ -28,7 +28,9 @@ __all__ = ["euler", "heun", "adaptive", "reference_solution", "ADAPTIVE_SOLVERS"
 # ---------------------------------------------------------------------------------------------
 # helpers shared by the ODE solvers (also imported by dpm_solver.py and unipc.py)
 def state_dtype(x) -> jnp.dtype:
-    """The solver-state dtype: float32 (float64 if x already is), never the network's bfloat16."""
+    """The solver-state dtype: float32 (float64 if x already is), never the network's bfloat16. The
+    samplers keep their `lax.scan` carry in this dtype: under x64 the schedule is float64, and a
+    float32 state stays float32 (the step is computed in float64 and rounded back)."""
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
@@ -49,14 +51,15 @@ def euler(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None) -
         x_{i+1} = x_i + (t_{i+1} - t_i) [f(t_i) x_i + g(t_i)^2 / (2 sigma(t_i)) eps(x_i, t_i)].
     """
     del key, noise  # deterministic
-    x = jnp.asarray(x, state_dtype(x))
+    dtype = state_dtype(x)
+    x = jnp.asarray(x, dtype)
     ts = as_time(ts)
 
     def step(carry, i):
         x, bad = carry
         t, t_next = ts[i], ts[i + 1]
         drift = process.f(t) * x + (process.g2(t) / (2.0 * process.sigma(t))) * call_eps(eps_fn, x, t, cond)
-        x = x + (t_next - t) * drift
+        x = (x + (t_next - t) * drift).astype(dtype)
         return (x, track_nonfinite(bad, i, x)), None
 
     num_steps = ts.shape[0] - 1
@@ -82,7 +85,8 @@ def heun(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, la
     the sampler stochastic (needs key= or noise= of shape (N, *x.shape)); sigma_up is capped at the
     process's sigma_hat(t_max), where the denoiser is defined. s_churn must be a Python number.
     """
-    x = jnp.asarray(x, state_dtype(x))
+    dtype = state_dtype(x)
+    x = jnp.asarray(x, dtype)
     ts = as_time(ts)
     num_steps = ts.shape[0] - 1
     stochastic = s_churn > 0
@@ -106,7 +110,7 @@ def heun(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, la
             a_next = process.alpha(t_next)
             d_next = call_eps(eps_fn, a_next * x_hat_next, t_next, cond)
             x_hat_next = x_hat + (sig_next - sig) * (0.5 * (d + d_next))
-        x = process.alpha(t_next) * x_hat_next
+        x = (process.alpha(t_next) * x_hat_next).astype(dtype)
         return x, track_nonfinite(bad, i, x)
 
     def body(carry, i):
@@ -144,7 +148,7 @@ def _solve_in_lambda(eps_fn, process: Process, x, t_start, t_end, cond, solver: 
         dt0=jnp.asarray(_DT0, x.dtype), y0=x / process.alpha(t_start), saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
     )
-    x_end = process.alpha(t_end) * sol.ys[-1]
+    x_end = (process.alpha(t_end) * sol.ys[-1]).astype(x.dtype)
     # Evaluations of the vector field: 1 for the first stage of the first step, then num_stages - 1 per
     # step attempt, accepted or rejected (FSAL: the last stage of an accepted step is the first stage
     # of the next; a rejected attempt reuses the first stage it started from). dt0 is given, so no

@@ -110,7 +110,7 @@ def unipc(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, o
     def step(carry, inp):
         x_prev, x, hist, bad = carry  # corrected x_{i-1}, predicted x_i, (x0_{i-1}, ..., x0_{i-order})
         i, t, a, s, on_i, cr, cc, pr, pc = inp
-        x0 = (x - s * call_eps(eps_fn, x, t, cond)) / a
+        x0 = ((x - s * call_eps(eps_fn, x, t, cond)) / a).astype(dtype)
         x_c = cr * x_prev
         for j, m in enumerate((x0,) + hist):
             x_c = x_c + cc[j] * m
@@ -119,6 +119,7 @@ def unipc(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=None, o
         x_next = pr * x
         for j in range(order):
             x_next = x_next + pc[j] * hist[j]
+        x_next = x_next.astype(dtype)
         return (x, x_next, hist, track_nonfinite(bad, i, x_next)), None
 
     hist = tuple(jnp.zeros_like(x) for _ in range(order))

@@ -3,7 +3,9 @@
 * Sinusoidal (Transformer / DDPM): for s = t and half = dim // 2,
 
       emb(s) = [sin(s w_0), ..., sin(s w_{half-1}), cos(s w_0), ..., cos(s w_{half-1})],
-      w_k = max_period ** (-k / (half - 1))        (DDPM's `get_timestep_embedding`).
+      w_k = max_period ** (-k / (half - freq_shift))   (DDPM's `get_timestep_embedding`: freq_shift 1),
+
+  or [cos, sin] with flip_sin_cos (diffusers' `flip_sin_to_cos`; its `freq_shift` is this one).
 
 * Gaussian Fourier features (NCSN++, Tancik et al. 2020):
 
@@ -24,13 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """(B,) -> (B, dim) float32 sinusoidal embedding [sin(t w), cos(t w)] (odd dim: zero-padded)."""
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
+                         freq_shift: float = 1.0, flip_sin_cos: bool = False) -> jax.Array:
+    """(B,) -> (B, dim) float32 sinusoidal embedding [sin(t w), cos(t w)] ([cos, sin] if
+    flip_sin_cos; odd dim: zero-padded)."""
     t = jnp.asarray(t, jnp.float32).reshape(-1)
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                    / max(half - freq_shift, 1))
     args = t[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    parts = [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts[::-1] if flip_sin_cos else parts, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -48,10 +54,11 @@ def fourier_embedding(t: jax.Array, dim: int, scale: float = 16.0, seed: int = 0
 
 
 def timestep_embedding(t: jax.Array, dim: int, kind: str = "sinusoidal",
-                       fourier_scale: float = 16.0) -> jax.Array:
-    """Dispatches on `kind` in {'sinusoidal', 'fourier'}."""
+                       fourier_scale: float = 16.0, *, freq_shift: float = 1.0,
+                       flip_sin_cos: bool = False) -> jax.Array:
+    """Dispatches on `kind` in {'sinusoidal', 'fourier'} (freq_shift / flip_sin_cos: sinusoidal)."""
     if kind == "sinusoidal":
-        return sinusoidal_embedding(t, dim)
+        return sinusoidal_embedding(t, dim, freq_shift=freq_shift, flip_sin_cos=flip_sin_cos)
     if kind == "fourier":
         return fourier_embedding(t, dim, scale=fourier_scale)
     raise ValueError(f"unknown time embedding {kind!r}; expected 'sinusoidal' or 'fourier'")

@@ -49,11 +49,13 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, name: Optional[str]
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (P.BIAS,)))
 
 
-def group_norm(channels: int, *, name: Optional[str] = None,
-               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
-    """float32 GroupNorm with min(C // 4, 32) groups (score_sde), eps 1e-6."""
+def group_norm(channels: int, *, name: Optional[str] = None, param_dtype: Dtype = jnp.float32,
+               groups: Optional[int] = None, eps: float = 1e-6) -> nn.GroupNorm:
+    """float32 GroupNorm with `groups` groups (None: min(C // 4, 32), score_sde), eps 1e-6."""
+    if groups is not None and (groups < 1 or channels % groups):
+        raise ValueError(f"GroupNorm: {channels} channels cannot be split into {groups} groups")
     return nn.GroupNorm(
-        num_groups=max(min(channels // 4, 32), 1), epsilon=1e-6, dtype=jnp.float32,
+        num_groups=groups or max(min(channels // 4, 32), 1), epsilon=eps, dtype=jnp.float32,
         param_dtype=param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (P.NORM,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (P.NORM,)))
@@ -117,13 +119,16 @@ class AttnBlock(nn.Module):
     num_heads: int = 1
     head_dim: Optional[int] = None
     z_token: bool = False
+    norm_groups: Optional[int] = None      # GroupNorm groups (None: min(C // 4, 32)) and eps
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, z: Optional[jax.Array] = None) -> jax.Array:
         b, hh, ww, c = x.shape
-        h = group_norm(c, name="norm", param_dtype=self.param_dtype)(x).astype(self.dtype)
+        h = group_norm(c, name="norm", param_dtype=self.param_dtype, groups=self.norm_groups,
+                       eps=self.norm_eps)(x).astype(self.dtype)
         extra = None
         if self.z_token:
             extra = dense(c, (P.COND, P.EMBED), name="z_token", dtype=self.dtype,
@@ -154,6 +159,8 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     skip_rescale: bool = False
+    norm_groups: Optional[int] = None      # GroupNorm groups (None: min(C // 4, 32)) and eps
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -162,7 +169,8 @@ class ResBlock(nn.Module):
         c_in = x.shape[-1]
         c_out = self.out_ch or c_in
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(group_norm(c_in, name="norm1", param_dtype=self.param_dtype)(x))
+        gn = dict(param_dtype=self.param_dtype, groups=self.norm_groups, eps=self.norm_eps)
+        h = nn.silu(group_norm(c_in, name="norm1", **gn)(x))
         h = h.astype(self.dtype)
         x = x.astype(self.dtype)
         if self.up:
@@ -176,7 +184,7 @@ class ResBlock(nn.Module):
             t_out = t_out.astype(jnp.float32)[:, None, None, :]
         if temb is not None and not self.scale_shift_norm:
             h = h + t_out
-        h = group_norm(c_out, name="norm2", param_dtype=self.param_dtype)(h)
+        h = group_norm(c_out, name="norm2", **gn)(h)
         if temb is not None and self.scale_shift_norm:
             t_s, t_b = jnp.split(t_out, 2, axis=-1)
             h = h * (1.0 + t_s) + t_b
@@ -196,16 +204,26 @@ class ResBlock(nn.Module):
         return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
 
 
+DOWNSAMPLE_PADDINGS = ("same", "symmetric")
+
+
 class Downsample(nn.Module):
-    """H -> H/2: 3x3 stride-2 conv ('SAME' padding, as DDPM) or 2x2 average pooling."""
+    """H -> H/2: 3x3 stride-2 conv or 2x2 average pooling. The conv's padding: 'same' (DDPM's TF
+    'SAME': 0 before, 1 after each spatial axis = diffusers' downsample_padding=0) or 'symmetric'
+    (1 on each side = diffusers' downsample_padding=1, PyTorch's padding=1)."""
     with_conv: bool = True
+    padding: str = "same"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        if self.padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"Downsample padding {self.padding!r}; expected one of "
+                             f"{DOWNSAMPLE_PADDINGS}")
         if self.with_conv:
-            return conv(x.shape[-1], stride=2, name="conv", dtype=self.dtype,
+            pad = "SAME" if self.padding == "same" else ((1, 1), (1, 1))
+            return conv(x.shape[-1], stride=2, name="conv", padding=pad, dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
         return downsample_avg(x)
 

@@ -6,14 +6,21 @@ original DDPM TF code (35,746,307 parameters on 32x32x3, the paper's 35.7M): sco
 blocks, with attention after *every* up-path ResBlock at an attention resolution (score_sde
 attends once per up level: 35.2M).
 
-    temb = W2 silu(W1 emb(time_scale * t))  [+ E[label]]  [+ W_z z  if 'time_add']
+    temb = W2 silu(W1 emb(time_scale * t - time_offset))  [+ E[label]]  [+ W_z z  if 'time_add']
     h = conv_in(x); skips = [h]
     down, level l = 0..L-1:  num_res_blocks x (ResBlock [+ AttnBlock if H in attn_resolutions]),
                              each output pushed to skips; then Downsample (not on the last level)
-    mid:                     ResBlock, AttnBlock, ResBlock
+    mid:                     ResBlock, AttnBlock (unless mid_attn=False), ResBlock
     up,   level l = L-1..0:  (num_res_blocks + 1) x (ResBlock(concat(h, skips.pop())) [+ Attn]);
                              then Upsample (not on level 0)
     out = conv_out(silu(GN(h)))   (zero-initialised, cast to float32)
+
+Conventions of published checkpoints (diffusers' `UNet2DModel`, `weights.diffusers.unet2d`), each
+a field whose default is the library's own: time_offset = 1 with time_scale = T embeds the integer
+step n = T t - 1 of the `DiscreteDDPM` grid t_n = (n + 1) / T; time_flip_sin_cos / time_freq_shift
+(diffusers' flip_sin_to_cos / freq_shift, see `embeddings.sinusoidal_embedding`); norm_groups /
+norm_eps of every GroupNorm; downsample_padding 'same' (TF's SAME: pad 0 before, 1 after, as DDPM
+and diffusers' downsample_padding=0) or 'symmetric' (1 and 1); mid_attn (diffusers' add_attention).
 
 Conditioning (`cond` dict, all optional): 'label' int (B,) needs `num_classes`; a missing label
 means the null class `num_classes` (classifier-free guidance); 'z' float (B, D) enters as selected
@@ -85,7 +92,10 @@ class UNet(nn.Module):
     attn_resolutions: Sequence[int] = (16,)
     dropout: float = 0.1
     time_embedding: str = "sinusoidal"     # 'sinusoidal' | 'fourier'
-    time_scale: float = 1000.0             # embedding input is time_scale * t
+    time_scale: float = 1000.0             # embedding input is time_scale * t - time_offset
+    time_offset: float = 0.0
+    time_flip_sin_cos: bool = False        # sinusoidal: [cos, sin] instead of [sin, cos]
+    time_freq_shift: float = 1.0           # sinusoidal: w_k = 10000 ** (-k / (ch/2 - shift))
     fourier_scale: float = 16.0            # std of the Fourier frequencies
     num_classes: Optional[int] = None      # label embedding has num_classes + 1 rows (null class)
     out_channels: Optional[int] = None     # None: input channels; 2C for learned variance
@@ -95,6 +105,10 @@ class UNet(nn.Module):
     head_dim: Optional[int] = None         # if set, heads = channels // head_dim
     scale_shift_norm: bool = False         # AdaGN time conditioning (iDDPM/ADM) vs additive (DDPM)
     skip_rescale: bool = False             # residual sums scaled by 1/sqrt(2) (NCSN++)
+    norm_groups: Optional[int] = None      # GroupNorm groups (None: min(C // 4, 32)) ...
+    norm_eps: float = 1e-6                 # ... and epsilon, in every block
+    downsample_padding: str = "same"       # stride-2 conv padding: 'same' | 'symmetric'
+    mid_attn: bool = True                  # the middle block's attention
     z_conditioning: Sequence[str] = ()     # subset of Z_MODES
     repa_block: Optional[str] = None       # REPA: project this sown block's output ...
     repa_dim: int = 0                      # ... to repa_dim channels per position (sown as 'repa')
@@ -158,8 +172,10 @@ class UNet(nn.Module):
 
         # Time (+ label, + z) embedding.
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (batch,))
-        temb = timestep_embedding(self.time_scale * t, self.ch, self.time_embedding,
-                                  self.fourier_scale)
+        temb = timestep_embedding(self.time_scale * t - self.time_offset, self.ch,
+                                  self.time_embedding, self.fourier_scale,
+                                  freq_shift=self.time_freq_shift,
+                                  flip_sin_cos=self.time_flip_sin_cos)
         temb = dense(4 * self.ch, (P.EMBED, P.MLP), name="temb_dense0", **kw)(temb)
         temb = dense(4 * self.ch, (P.MLP, P.EMBED), name="temb_dense1", **kw)(nn.silu(temb))
         if label is not None:
@@ -171,14 +187,16 @@ class UNet(nn.Module):
         if "time_add" in zm:
             temb = temb + dense(4 * self.ch, (P.COND, P.EMBED), name="z_temb", **kw)(z)
 
+        gn = dict(norm_groups=self.norm_groups, norm_eps=self.norm_eps)
+
         def res(name, out_ch=None, up=False, down=False):
             return ResBlock(out_ch=out_ch, dropout=self.dropout,
                             scale_shift_norm=self.scale_shift_norm, z_modes=res_z, up=up,
-                            down=down, skip_rescale=self.skip_rescale, name=name, **kw)
+                            down=down, skip_rescale=self.skip_rescale, name=name, **gn, **kw)
 
         def attn(name):
             return AttnBlock(num_heads=self.num_heads, head_dim=self.head_dim, z_token=attn_z,
-                             name=name, **kw)
+                             name=name, **gn, **kw)
 
         # Down path.
         h = conv(self.ch, name="conv_in", **kw)(x.astype(self.dtype))
@@ -195,12 +213,14 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res(f"down_{l}_downsample", down=True)(h, temb, z, train)
                 else:
-                    h = Downsample(self.resample_with_conv, name=f"down_{l}_downsample", **kw)(h)
+                    h = Downsample(self.resample_with_conv, self.downsample_padding,
+                                   name=f"down_{l}_downsample", **kw)(h)
                 skips.append(h)
 
         # Middle.
         h = res("mid_res0")(h, temb, z, train)
-        h = attn("mid_attn")(h, z)
+        if self.mid_attn:
+            h = attn("mid_attn")(h, z)
         h = res("mid_res1")(h, temb, z, train)
         self._sow("mid", h)
 
@@ -219,7 +239,8 @@ class UNet(nn.Module):
                     h = Upsample(self.resample_with_conv, name=f"up_{l}_upsample", **kw)(h)
         assert not skips
 
-        h = nn.silu(group_norm(h.shape[-1], name="norm_out", param_dtype=self.param_dtype)(h))
+        h = nn.silu(group_norm(h.shape[-1], name="norm_out", param_dtype=self.param_dtype,
+                               groups=self.norm_groups, eps=self.norm_eps)(h))
         out = conv(self.out_channels or c_in, name="conv_out", init=default_init(0.0), **kw)(
             h.astype(self.dtype))
         return out.astype(jnp.float32)

@@ -62,7 +62,8 @@ def test_evaluate_images_against_a_dataset_split(tmp_path):
         fs["pool3"], fr["pool3"], subsets=3, subset_size=4)[0], rel=1e-5)
     prc = sq.precision_recall(fs["pool3"], fr["pool3"], k=3)
     assert (res["precision"], res["recall"]) == (prc["precision"], prc["recall"])
-    (cache,) = glob.glob(os.path.join(workdir, "quality", "reference_folder-*_train_reference_8.npz"))
+    (cache,) = glob.glob(os.path.join(workdir, "quality",
+                                      "reference_folder-*_train_reference_8.npz"))
     ref = sq.load_statistics(cache)
     np.testing.assert_allclose(ref.mu, fr["pool3"].astype(np.float64).mean(0), rtol=1e-5,
                                atol=1e-7)

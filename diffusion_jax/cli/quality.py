@@ -10,9 +10,11 @@ statistics, as pytorch-fid and torch-fidelity compute them (`diffusion_jax.evalu
 Samples: config.quality.num_samples images drawn as --mode=sample draws them (config.sample's
 sampler, steps, seed, EMA), quantised to uint8 like saved PNGs (round((x + 1) 127.5)), then fed
 to the FID Inception as [0, 1] images (autoencoders: latents from the prior, or the training
-images' latents for continuous ones, as the report's samples). Reference: config.quality.reference_stats (.npz with mu,
-sigma [, features]) or, if unset, the statistics (and features) of data.name's
-quality.reference_split, cached in workdir/quality/reference_<dataset>_<split>_<resize>_<n>.npz.
+images' latents for continuous ones, as the report's samples).
+
+Reference: config.quality.reference_stats (.npz with mu, sigma [, features]) or, if unset, the
+statistics (and features) of data.name's quality.reference_split, cached in
+workdir/quality/reference_<dataset>_<split>_<resize>_<n>.npz.
 Output: workdir/quality/quality_step<N>_<sampler>_<steps>.json (the metrics and how they were
 made); the report shows every such file when it is rebuilt.
 """
@@ -28,7 +30,8 @@ import numpy as np
 
 from diffusion_jax.cli.experiment import (
     CLIError, has_checkpoints, missing_checkpoint, say, build_experiment, make_eps_fn,
-    sampling_params, generate, restore_checkpoint, open_split, image_shape_of, json_config)
+    sampling_params, generate, restore_checkpoint, open_split, json_config)
+from diffusion_jax.cli.pretrained import has_weights
 
 __all__ = ["run_quality", "evaluate_images", "make_extractor", "reference_statistics",
            "quality_rows"]
@@ -41,8 +44,9 @@ def make_extractor(config, mesh=None, progress: bool = True):
     from diffusion_jax.weights.diffusers import WeightsError
     q = config.quality
     try:
-        return InceptionFeatureExtractor.from_file(q.inception_weights, batch_size=int(q.batch_size),
-                                                   resize=q.resize, mesh=mesh, progress=progress)
+        return InceptionFeatureExtractor.from_file(
+            q.inception_weights, batch_size=int(q.batch_size), resize=q.resize, mesh=mesh,
+            progress=progress)
     except WeightsError as e:
         raise CLIError(str(e)) from None
     except ValueError as e:          # batch size vs mesh
@@ -143,7 +147,7 @@ def run_quality(config, workdir: str, step: int | None, *, progress: bool = True
     w = q.inception_weights
     if not w or not os.path.isfile(os.path.expanduser(w)):  # fail fast, before sampling
         raise CLIError(missing_weights_message(w))
-    if not has_checkpoints(workdir):
+    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
         raise missing_checkpoint(workdir)
     info = dataset_info(config.data.name, data_dir=config.data.data_dir,
                         image_size=config.data.image_size)

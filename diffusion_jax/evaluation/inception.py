@@ -28,7 +28,7 @@ mean/var -> batch_stats; num_batches_tracked dropped) or raises naming the key.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import flax.linen as nn
 import jax

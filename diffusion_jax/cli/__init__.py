@@ -214,6 +214,8 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
             raise CLIError("--config is required for training (e.g. --config=configs/default.py)")
         config = saved_config(workdir)
     cv.validate(config)
+    from diffusion_jax.cli.pretrained import resolve_init_from
+    resolve_init_from(config, workdir)        # model.init_from: the network from published weights
     maybe_initialize_distributed(config)
     if mode == "train":
         from diffusion_jax.cli.train import run_train

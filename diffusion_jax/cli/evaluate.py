@@ -7,6 +7,7 @@ from diffusion_jax.cli.experiment import (
     CLIError, has_checkpoints, missing_checkpoint, say, Experiment, build_experiment,
     open_split, image_shape_of, Batches, make_loss_fn, make_eps_fn, sampling_params,
     restore_checkpoint, mesh_batch)
+from diffusion_jax.cli.pretrained import has_weights
 
 
 def run_eval(config, workdir: str, step: int | None) -> dict:
@@ -16,7 +17,7 @@ def run_eval(config, workdir: str, step: int | None) -> dict:
     from diffusion_jax.data import make_loader
     from diffusion_jax.reports.metrics_writer import MetricsWriter
 
-    if not has_checkpoints(workdir):
+    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
         raise missing_checkpoint(workdir)
     e = config.eval
     source = open_split(config, e.split)

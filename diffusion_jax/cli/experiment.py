@@ -389,7 +389,7 @@ def state_structure(d: dict) -> dict:
     shaping = {"kind": "none", "encoder": None, "latent": None, "z_dim": None, "z_conditioning": None,
                "encoder_ch": None, "encoder_ch_mult": None, "encoder_num_res_blocks": None,
                "encoder_attn_resolutions": None, "norm": "batch", "pool": "mean", "tau_final": None}
-    return {"model": d.get("model", {}),
+    return {"model": {k: v for k, v in (d.get("model", {}) or {}).items() if k != "init_from"},
             "autoencoder": {k: ae.get(k, v) for k, v in shaping.items()} if ae.get("kind", "none") != "none"
             else "none",
             "objective learned variance": (d.get("objective", {}) or {}).get("name") == "hybrid",
@@ -462,6 +462,9 @@ def restore_checkpoint(exp: Experiment, workdir: str, step: int | None):
     """(step, TrainState) of `step` (default: the newest) in `exp`'s sharded layout, read-only."""
     from diffusion_jax.training import CheckpointRestoreError
     if not has_checkpoints(workdir):
+        if exp.config.model.init_from and step is None:    # no checkpoint yet: published weights
+            from diffusion_jax.cli.pretrained import initial_state
+            return 0, initial_state(exp, int(exp.config.train.seed))
         raise missing_checkpoint(workdir)
     reader = ReadOnlyCheckpoints(ckpt_dir(workdir))
     try:

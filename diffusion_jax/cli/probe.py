@@ -24,6 +24,7 @@ import time
 from diffusion_jax.cli.experiment import (
     build_experiment, has_checkpoints, missing_checkpoint, open_split, image_shape_of,
     restore_checkpoint, sampling_params, say)
+from diffusion_jax.cli.pretrained import has_weights
 
 __all__ = ["pca_features", "score_features", "probe_table", "run_probe"]
 
@@ -132,7 +133,7 @@ def run_probe(config, workdir: str, step=None) -> dict:
     import jax
     import numpy as np
     from diffusion_jax.cli.autoencoder import encode_images, load_arrays
-    if not has_checkpoints(workdir):
+    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
         raise missing_checkpoint(workdir)
     source = open_split(config, "train")
     exp = build_experiment(config, image_shape_of(source))

@@ -7,6 +7,7 @@ import time
 from diffusion_jax.cli.experiment import (
     CLIError, has_checkpoints, missing_checkpoint, say, build_experiment, make_eps_fn,
     sampling_params, generate, restore_checkpoint)
+from diffusion_jax.cli.pretrained import has_weights
 
 
 def run_sample(config, workdir: str, step: int | None) -> dict:
@@ -15,7 +16,7 @@ def run_sample(config, workdir: str, step: int | None) -> dict:
     from diffusion_jax.data import dataset_info
     from diffusion_jax.reports import image_grid
 
-    if not has_checkpoints(workdir):
+    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
         raise missing_checkpoint(workdir)
     info = dataset_info(config.data.name, data_dir=config.data.data_dir,
                         image_size=config.data.image_size)

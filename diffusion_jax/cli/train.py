@@ -11,6 +11,7 @@ from diffusion_jax.cli.experiment import (
     CLIError, ckpt_dir, say, build_experiment, open_split, image_shape_of, Batches,
     make_loss_fn, make_eps_fn, sampling_params, generate, check_checkpoint_compatible,
     json_config)
+from diffusion_jax.cli.pretrained import initial_state
 
 
 # --------------------------------------------------------------------------------- train
@@ -94,7 +95,6 @@ class _Progress:
 def run_train(config, workdir: str, *, progress: bool = True) -> dict:
     import jax
     from diffusion_jax.training.loop import config_diff, truncate_metrics
-    import numpy as np
     from diffusion_jax import training as T
     from diffusion_jax.data import make_loader
     from diffusion_jax.reports import image_grid
@@ -133,8 +133,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 truncate_metrics(metrics_path, restored.step)
         else:
             say(f"starting a new run in {workdir}")
-            state = T.init_train_state(exp.init_fn, exp.mesh,
-                                       np.asarray(jax.random.PRNGKey(tc.seed)), exp.rules).state
+            state = initial_state(exp, tc.seed)     # model.init_from: the published weights
         step = int(jax.device_get(state.step))
         writer = MetricsWriter(workdir, jsonl="metrics.jsonl", primary=primary)
         if restored is not None:

@@ -88,6 +88,11 @@ def ancestral(eps_fn, process: Process, x, ts, *, cond=None, key=None, noise=Non
     (e.g. `objectives.learned_variance_pair_fn` of a 2C-channel network); the step variance is then
     per element. The last step adds no noise unless noise_final=True. Injected noise has shape
     (N, *x.shape). NFE = N.
+
+    Ho et al.'s sampler (p_sample_loop) adds noise at every step n -> n - 1 and returns x0_hat at n = 0
+    (the posterior mean at t = 1 -> 0 is x0_hat since alpha-bar_{-1} = 1): that is this sampler with
+    noise_final=True on t = (n + 1)/T followed by the x0 step, which `sample(..., denoise_final=True)`
+    does (it sets noise_final=True); improved DDPM's respaced sampler the same on a respaced grid.
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown ancestral variance {variance!r}; expected one of {VARIANCES}")

@@ -79,7 +79,7 @@ def load_config(args):
     return fv.config
 
 
-def test_cli_eps_equals_diffusers_and_sample_mode(hub, tmp_path):
+def test_cli_eps_equals_diffusers_and_sample_mode(hub, tmp_path, compile_cache):
     folder, model = hub
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     args = argv(workdir, data_dir, folder)
@@ -129,7 +129,7 @@ def test_cli_eps_equals_diffusers_and_sample_mode(hub, tmp_path):
     assert err.max() < 1e-5 * np.abs(ref).max(), (err.max(), np.abs(ref).max())
 
 
-def test_fine_tuning_starts_from_the_converted_weights(hub, tmp_path):
+def test_fine_tuning_starts_from_the_converted_weights(hub, tmp_path, compile_cache):
     """One train step at lr 0 (Ho's warm-up starts at 0): the checkpoint's params and EMA are the
     converted weights, and sample mode then reads that checkpoint."""
     folder, model = hub

@@ -1,13 +1,24 @@
 """Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero conditioning.
 
     tokens = PatchEmbed_p(x) + pos     (p x p patches -> N = HW / p^2 tokens; fixed 2-D sin-cos pos)
-    c      = MLP(emb(time_scale * t)) [+ E[label]] [+ W_z z if 'time_add' in z_conditioning]
+    c      = MLP(emb(time_scale * t - time_offset)) [+ E[label]] [+ W_z z if 'time_add' in z_conditioning]
     block:  (s1, a1, g1, s2, a2, g2) = W_mod silu(c)           (W_mod zero-initialised)
             h = h + g1 * Attn(LN(h) (1 + a1) + s1)
-            h = h + g2 * MLP(LN(h) (1 + a2) + s2)
+            h = h + g2 * MLP(LN'(h) (1 + a2) + s2)
     final:  (s, a) = W_f silu(c);  out = unpatchify(W_o (LN(h) (1 + a) + s))   (W_f, W_o zero)
 
-so the output is exactly zero at initialisation. LayerNorms are affine-free, eps 1e-6, float32.
+so the output is exactly zero at initialisation. LayerNorms are affine-free, eps 1e-6 (LN' before the
+MLP: `mlp_norm_eps`), float32.
+
+Conventions of published checkpoints (diffusers' `DiTTransformer2DModel`, facebookresearch/DiT), each a
+field whose default keeps the library's own convention:
+  time_offset = 1 with time_scale = T: a model trained on integer steps n sees n = T t - 1 on the
+      `DiscreteDDPM` grid t_n = (n + 1) / T;
+  time_flip_sin_cos: the frequency embedding is [cos, sin] instead of [sin, cos];
+  pos_embed_order 'wh': the first half of the position channels embeds the column index (MAE / DiT's
+      `get_2d_sincos_pos_embed`), 'hw' the row index;
+  pos_embed_base_size b: a g_h x g_w token grid uses positions (i b / g_h, j b / g_w) (diffusers'
+      `PatchEmbed` on inputs of another size than it was trained on); None: integer positions.
 Each block sows its output tokens (B, N, hidden_size) as 'block_{i}' (token n = row-major patch
 (n // (W/p), n % (W/p))); `block_names(module, input_shape)` lists them.
 """
@@ -19,6 +30,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.networks import partitioning as P
 from diffusion_jax.networks.embeddings import sincos_2d_posemb, timestep_embedding
@@ -36,8 +48,30 @@ _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, name=name)
+def _layer_norm(name: str, eps: float = 1e-6) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, use_scale=False, use_bias=False, dtype=jnp.float32, name=name)
+
+
+def _pos_embed(dim: int, gh: int, gw: int, order: str, base_size: Optional[int]) -> np.ndarray:
+    """(gh * gw, dim) fixed 2-D sin-cos embedding, row-major tokens; see the module docstring."""
+    if order not in ("hw", "wh"):
+        raise ValueError(f"pos_embed_order must be 'hw' or 'wh', got {order!r}")
+    if order == "hw" and base_size is None:
+        return sincos_2d_posemb(dim, gh, gw)
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs dim % 4 == 0, got {dim}")
+    rows, cols = np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64)
+    if base_size is not None:
+        rows, cols = rows * (base_size / gh), cols * (base_size / gw)
+    rows, cols = np.meshgrid(rows, cols, indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def one_d(pos):
+        out = pos.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    first, second = (rows, cols) if order == "hw" else (cols, rows)
+    return np.concatenate([one_d(first), one_d(second)], axis=1).astype(np.float32)
 
 
 def _modulate(x, shift, scale):
@@ -50,6 +84,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    mlp_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -63,7 +98,7 @@ class DiTBlock(nn.Module):
         x = MultiHeadAttention(self.num_heads, out_init=_xavier, name="attn", **kw)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         h = h + (g1[:, None, :] * x).astype(h.dtype)
-        x = _modulate(_layer_norm("norm2")(h), s2, a2).astype(self.dtype)
+        x = _modulate(_layer_norm("norm2", self.mlp_norm_eps)(h), s2, a2).astype(self.dtype)
         x = dense(int(d * self.mlp_ratio), (P.EMBED, P.MLP), name="fc1", init=_xavier, **kw)(x)
         x = nn.gelu(x, approximate=True)
         x = dense(d, (P.MLP, P.EMBED), name="fc2", init=_xavier, **kw)(x)
@@ -92,6 +127,11 @@ class DiT(nn.Module):
     time_scale: float = 1000.0
     fourier_scale: float = 16.0
     frequency_dim: int = 256
+    time_offset: float = 0.0               # embedding input time_scale * t - time_offset
+    time_flip_sin_cos: bool = False        # [cos, sin] frequency embedding (diffusers / DiT)
+    pos_embed_order: str = "hw"            # 'hw' | 'wh' (first half of channels: row | column)
+    pos_embed_base_size: Optional[int] = None
+    mlp_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -119,13 +159,17 @@ class DiT(nn.Module):
                         _xavier, (P.CONV_H, P.CONV_W, P.CONV_IN, P.CONV_OUT)),
                     bias_init=nn.with_logical_partitioning(_zeros, (P.BIAS,)), **kw)(
                         x.astype(self.dtype))
-        h = h.reshape(b, gh * gw, d).astype(jnp.float32) + sincos_2d_posemb(d, gh, gw)[None]
+        pos = _pos_embed(d, gh, gw, self.pos_embed_order, self.pos_embed_base_size)
+        h = h.reshape(b, gh * gw, d).astype(jnp.float32) + pos[None]
         h = h.astype(self.dtype)
 
         # Conditioning embedding c.
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
-        c = timestep_embedding(self.time_scale * t, self.frequency_dim, self.time_embedding,
-                               self.fourier_scale)
+        c = timestep_embedding(self.time_scale * t - self.time_offset, self.frequency_dim,
+                               self.time_embedding, self.fourier_scale)
+        if self.time_flip_sin_cos:
+            half = self.frequency_dim // 2
+            c = jnp.concatenate([c[:, half:2 * half], c[:, :half], c[:, 2 * half:]], axis=-1)
         std = nn.initializers.normal(0.02)
         c = dense(d, (P.EMBED, P.MLP), name="t_dense0", init=std, **kw)(c)
         c = dense(d, (P.MLP, P.EMBED), name="t_dense1", init=std, **kw)(nn.silu(c))
@@ -137,8 +181,8 @@ class DiT(nn.Module):
             c = c + dense(d, (P.COND, P.EMBED), name="z_embed", **kw)(z)
 
         for i in range(self.depth):
-            h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, name=f"dit_block_{i}", **kw)(
-                h, c, train)
+            h = DiTBlock(self.num_heads, self.mlp_ratio, self.dropout, self.mlp_norm_eps,
+                         name=f"dit_block_{i}", **kw)(h, c, train)
             self.sow("intermediates", f"block_{i}", h)
 
         # Final adaLN-Zero layer and unpatchify.

@@ -15,6 +15,8 @@ field whose default keeps the library's own convention:
   time_offset = 1 with time_scale = T: a model trained on integer steps n sees n = T t - 1 on the
       `DiscreteDDPM` grid t_n = (n + 1) / T;
   time_flip_sin_cos: the frequency embedding is [cos, sin] instead of [sin, cos];
+  time_freq_shift s: sinusoidal frequencies w_k = 10000^(-k / (half - s)), half = dim / 2 (1: DDPM's
+      and diffusers' DiT, the default; 0: facebookresearch/DiT's own `timestep_embedding`);
   pos_embed_order 'wh': the first half of the position channels embeds the column index (MAE / DiT's
       `get_2d_sincos_pos_embed`), 'hw' the row index;
   pos_embed_base_size b: a g_h x g_w token grid uses positions (i b / g_h, j b / g_w) (diffusers'
@@ -24,6 +26,7 @@ Each block sows its output tokens (B, N, hidden_size) as 'block_{i}' (token n = 
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional, Sequence
 
@@ -50,6 +53,15 @@ _zeros = nn.initializers.zeros_init()
 
 def _layer_norm(name: str, eps: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, use_scale=False, use_bias=False, dtype=jnp.float32, name=name)
+
+
+def _sinusoidal(s, dim: int, shift: float):
+    """(B,) -> (B, dim) [sin(s w), cos(s w)], w_k = 10000^(-k / (dim // 2 - shift)), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - shift))
+    args = s[:, None] * freqs[None, :]
+    return jnp.pad(jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1),
+                   ((0, 0), (0, dim % 2)))
 
 
 def _pos_embed(dim: int, gh: int, gw: int, order: str, base_size: Optional[int]) -> np.ndarray:
@@ -129,6 +141,7 @@ class DiT(nn.Module):
     frequency_dim: int = 256
     time_offset: float = 0.0               # embedding input time_scale * t - time_offset
     time_flip_sin_cos: bool = False        # [cos, sin] frequency embedding (diffusers / DiT)
+    time_freq_shift: float = 1.0           # w_k = 10000^(-k / (half - time_freq_shift))
     pos_embed_order: str = "hw"            # 'hw' | 'wh' (first half of channels: row | column)
     pos_embed_base_size: Optional[int] = None
     mlp_norm_eps: float = 1e-6
@@ -165,8 +178,11 @@ class DiT(nn.Module):
 
         # Conditioning embedding c.
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
-        c = timestep_embedding(self.time_scale * t - self.time_offset, self.frequency_dim,
-                               self.time_embedding, self.fourier_scale)
+        s = self.time_scale * t - self.time_offset
+        if self.time_embedding == "sinusoidal" and self.time_freq_shift != 1.0:
+            c = _sinusoidal(s, self.frequency_dim, self.time_freq_shift)
+        else:
+            c = timestep_embedding(s, self.frequency_dim, self.time_embedding, self.fourier_scale)
         if self.time_flip_sin_cos:
             half = self.frequency_dim // 2
             c = jnp.concatenate([c[:, half:2 * half], c[:, :half], c[:, 2 * half:]], axis=-1)

@@ -2,9 +2,11 @@
 `transformer` folder; also its legacy `Transformer2DModel` config with norm_type 'ada_norm_zero')
 -> the library's `networks.dit.DiT` and its params.
 
-    dit_fields(config, num_train_timesteps=1000) -> dict    DiT fields (+ 'in_channels')
-    convert_dit(config, state, source, num_train_timesteps=1000) -> (DiT, params)
-    load_dit(path, num_train_timesteps=1000) -> (DiT, params)
+    dit_fields(config, num_train_timesteps=1000, convention='diffusers') -> dict
+                                                    DiT fields (+ 'in_channels')
+    convert_dit(config, state, source, num_train_timesteps=1000, convention='diffusers')
+                                                    -> (DiT, params)
+    load_dit(path, num_train_timesteps=1000, convention='diffusers') -> (DiT, params)
 
 diffusers' DiT, in the library's terms:
   * conditioning c = TimestepEmbedding([cos(n w), sin(n w)]) + E[label], w_k = 10000^(-k/127)
@@ -19,6 +21,12 @@ diffusers' DiT, in the library's terms:
     library's final adaLN layer;
   * out_channels = 2 in_channels for learned sigma (first half eps, second half the
     'learned_range' v).
+convention 'diffusers' computes what diffusers' DiTTransformer2DModel computes. 'original' computes
+what facebookresearch/DiT (models.py), which trained the published weights, computes; diffusers
+departs from it in two places: its timestep frequencies are 10000^(-k/127) (downscale_freq_shift 1)
+where DiT's are 10000^(-k/128) (time_freq_shift 0), and its LayerNorm before the MLP has eps
+`norm_eps` (1e-5 unless set; the hub's DiT-XL-2-256 config does not set it) where DiT's is 1e-6.
+
 diffusers gives every block its own copy of the conditioning embedders (`transformer_blocks.{i}.
 norm1.emb`; published checkpoints copy one set into all); the library shares one, so the copies
 must be equal, otherwise WeightsError. Every tensor is consumed, or WeightsError names it.
@@ -53,8 +61,15 @@ _EMB_KEYS = ("timestep_embedder.linear_1.weight", "timestep_embedder.linear_1.bi
              "class_embedder.embedding_table.weight")
 
 
-def dit_fields(config: dict, num_train_timesteps: int = 1000, source: str = "DiT config") -> dict:
-    """The `DiT` fields (and 'in_channels') of a diffusers DiT config; T = num_train_timesteps."""
+CONVENTIONS = ("diffusers", "original")
+
+
+def dit_fields(config: dict, num_train_timesteps: int = 1000, source: str = "DiT config",
+               convention: str = "diffusers") -> dict:
+    """The `DiT` fields (and 'in_channels') of a diffusers DiT config; T = num_train_timesteps;
+    convention 'diffusers' | 'original' (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     cls = config.get("_class_name", "DiTTransformer2DModel")
     if cls not in _CLASSES:
         raise WeightsError(f"{source}: config '_class_name' is {cls!r}, expected one of {_CLASSES}")
@@ -109,10 +124,11 @@ def dit_fields(config: dict, num_train_timesteps: int = 1000, source: str = "DiT
         time_scale=float(num_train_timesteps),
         time_offset=1.0,
         time_flip_sin_cos=True,
+        time_freq_shift=1.0 if convention == "diffusers" else 0.0,
         frequency_dim=256,
         pos_embed_order="wh",
         pos_embed_base_size=size // patch,
-        mlp_norm_eps=float(config.get("norm_eps", 1e-5)),
+        mlp_norm_eps=float(config.get("norm_eps", 1e-5)) if convention == "diffusers" else 1e-6,
     )
 
 
@@ -156,10 +172,10 @@ def _check_shared_embedders(sd: StateDict, depth: int) -> None:
                     "every published DiT checkpoint), so per-block embedders cannot be converted")
 
 
-def convert_dit(config: dict, state: dict, source: str = "DiT",
-                num_train_timesteps: int = 1000) -> tuple[DiT, dict]:
+def convert_dit(config: dict, state: dict, source: str = "DiT", num_train_timesteps: int = 1000,
+                convention: str = "diffusers") -> tuple[DiT, dict]:
     """(DiT, params) from a diffusers DiT config and state dict {name: array}."""
-    fields = dit_fields(config, num_train_timesteps, f"{source} config")
+    fields = dit_fields(config, num_train_timesteps, f"{source} config", convention)
     in_ch = fields.pop("in_channels")
     module = DiT(**fields)
     p = module.patch_size
@@ -180,7 +196,9 @@ def convert_dit(config: dict, state: dict, source: str = "DiT",
     return module, params
 
 
-def load_dit(path: str, num_train_timesteps: int = 1000) -> tuple[DiT, dict]:
+def load_dit(path: str, num_train_timesteps: int = 1000, convention: str = "diffusers"
+             ) -> tuple[DiT, dict]:
     """(DiT, params) of a diffusers DiT model folder (e.g. the `transformer` subfolder)."""
     config, state = read_folder(path)
-    return convert_dit(config, state, source=path, num_train_timesteps=num_train_timesteps)
+    return convert_dit(config, state, source=path, num_train_timesteps=num_train_timesteps,
+                       convention=convention)

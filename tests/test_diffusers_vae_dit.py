@@ -1,14 +1,17 @@
 """diffusers AutoencoderKL / DiTTransformer2DModel -> the library's AutoencoderKL / DiT, and a latent
 DiT sampled end to end, each checked against diffusers' PyTorch modules on tiny random models."""
 import copy
+import functools
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
@@ -18,8 +21,8 @@ from diffusion_jax.weights.diffusers.autoencoder_kl import (autoencoder_kl_field
                                                             convert_autoencoder_kl,
                                                             load_autoencoder_kl)
 from diffusion_jax.weights.diffusers.dit import convert_dit, dit_fields, load_dit
-from diffusion_jax.weights.diffusers.latent_dit import (load_latent_dit, sample_latent_dit,
-                                                        timestep_grid)
+from diffusion_jax.weights.diffusers.latent_dit import (latent_eps_fn, load_latent_dit,
+                                                        sample_latent_dit, timestep_grid)
 
 NC = 10          # DiT classes; label NC is the null class
 FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
@@ -98,20 +101,22 @@ def test_vae_matches_diffusers(vae):
     with torch.no_grad():
         post = tv.encode(torch.from_numpy(x)).latent_dist
         ref_img = tv.decode(torch.from_numpy(z)).sample.numpy()
-    enc, dec = vae_fns(module)
-    mean, logvar = enc(params, nhwc(x))
-    img = dec(params, nhwc(z))
+    key = jax.random.PRNGKey(0)
+
+    @functools.partial(jax.jit, **FAST)
+    def run(p, x, z):
+        ap = functools.partial(module.apply, {"params": p})
+        return (*ap(x, method="encode"), ap(z, method="decode"), ap(x, method="encode_latents"),
+                ap(x, key, method="encode_latents"), ap(z * 0.18215, method="decode_latents"))
+
+    mean, logvar, img, lat, noisy, back = run(params, nhwc(x), nhwc(z))
     assert rel_err(nchw(mean), post.mean.numpy()) < 1e-4
     assert rel_err(nchw(logvar), post.logvar.numpy()) < 1e-4
     assert rel_err(nchw(img), ref_img) < 1e-4
     # Scaled latents: encode_latents is scaling * mean without a key, and decode_latents undoes it.
-    lat = module.apply({"params": params}, nhwc(x), method="encode_latents")
-    assert rel_err(lat, 0.18215 * np.asarray(mean)) < 1e-5      # (differently compiled: not bitwise)
-    key = jax.random.PRNGKey(0)
-    noisy = module.apply({"params": params}, nhwc(x), key, method="encode_latents")
+    assert rel_err(lat, 0.18215 * np.asarray(mean)) < 1e-6
     eps = (np.asarray(noisy) / 0.18215 - np.asarray(mean)) / np.exp(0.5 * np.asarray(logvar))
     np.testing.assert_allclose(eps, np.asarray(jax.random.normal(key, mean.shape)), atol=1e-3)
-    back = module.apply({"params": params}, nhwc(z) * 0.18215, method="decode_latents")
     assert rel_err(nchw(back), ref_img) < 1e-4
 
 
@@ -318,3 +323,27 @@ def test_latent_dit_end_to_end(dit, vae, tmp_path):
                                           noise=nhwc(noise), guidance_scale=1.0)), ref) > 1e-2
     with open(root / "scheduler" / "scheduler_config.json") as f:
         assert json.load(f)["beta_schedule"] == "linear"
+    # pair=True (ancestral 'learned_range'): the same guided eps, and v = the conditional half's
+    # last C channels (as DiT's forward_with_cfg).
+    x, t = nhwc(noise), jnp.full((3,), 0.3, jnp.float32)
+    cond = {"params": model.params["dit"], "label": jnp.asarray(labels, jnp.int32)}
+
+    @functools.partial(jax.jit, **FAST)
+    def both(x, t, cond):
+        raw = model.dit.apply({"params": cond["params"]}, x, t, {"label": cond["label"]})
+        return (latent_eps_fn(model.dit, 4.0)(x, t, cond),
+                *latent_eps_fn(model.dit, 4.0, pair=True)(x, t, cond), raw)
+
+    eps, eps2, v, raw = both(x, t, cond)
+    assert latent_eps_fn(model.dit, 4.0) is latent_eps_fn(model.dit, 4.0)    # one compile
+    assert rel_err(eps2, eps) < 1e-5 and rel_err(v, raw[..., 4:]) < 1e-5
+
+
+def test_autoencoder_kl_logical_axes():
+    """Every AutoencoderKL parameter carries logical axis names (for `param_shardings`)."""
+    m = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+    boxed = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    specs = jax.tree_util.tree_leaves(nn.get_partition_spec(boxed["params"]),
+                                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+    leaves = jax.tree_util.tree_leaves(nn.unbox(boxed["params"]))
+    assert len(specs) == len(leaves) and all(len(s) > 0 and None not in s for s in specs)

@@ -3,24 +3,26 @@ diffusers' `AutoencoderKL` (e.g. stabilityai/sd-vae-ft-mse), NHWC.
 
     encoder:  conv_in -> [ResBlock x layers_per_block (+ Downsample except last)] per level
               -> mid (ResBlock, Attn, ResBlock) -> GN, silu, conv_out (2 latent_channels)
-              -> quant_conv (1x1)                                          = [mean, logvar]
+              -> quant_conv (1x1)                                     = [mean, logvar]
     decoder:  post_quant_conv (1x1) -> conv_in -> mid -> [ResBlock x (layers_per_block + 1)
               (+ Upsample except last)] per level, channels reversed -> GN, silu, conv_out
-    ResBlock: h = conv2(silu(GN2(conv1(silu(GN1(x))))));  out = skip(x) + h   (skip: 1x1 if C changes)
+    ResBlock: h = conv2(silu(GN2(conv1(silu(GN1(x))))));  out = skip(x) + h
+              (skip: a 1x1 conv if the channels change, else the identity)
     Attn:     x + W_o softmax(Q K^T / sqrt(C)) V  over the H W positions of GN(x), one head
-    Downsample: zero-pad right/bottom by 1, 3x3 conv stride 2 (no padding);  Upsample: nearest x2, 3x3
+    Downsample: zero-pad right/bottom by 1, 3x3 conv stride 2 (no padding)
+    Upsample:   nearest x2, 3x3 conv
 
 GroupNorms have `norm_num_groups` groups, eps 1e-6, float32. The posterior is the diagonal Gaussian
 N(mean, exp(logvar)) with logvar clipped to [-30, 20] (diffusers' `DiagonalGaussianDistribution`).
 The diffusion model works on z = scaling_factor (sample - shift_factor) (`encode_latents`), which
 `decode_latents` undoes; SD's VAE has scaling_factor 0.18215, shift 0.
 
-    module.apply(variables, x, method='encode')         -> (mean, logvar), each (B, h, w, latent_channels)
-    module.apply(variables, z, method='decode')         -> (B, H, W, out_channels) float32
-    module.apply(variables, x, key, method='encode_latents') -> scaling (mean + std eps - shift)
-                                                           (key None: the posterior mean)
-    module.apply(variables, z, method='decode_latents') -> decode(z / scaling + shift)
-    module.apply(variables, x, key=None)                -> (decode(sample), mean, logvar)  (init / training)
+    apply(variables, x, method='encode')       -> (mean, logvar), each (B, h, w, latent_channels)
+    apply(variables, z, method='decode')       -> (B, H, W, out_channels) float32
+    apply(variables, x, key, method='encode_latents') -> scaling (mean + std eps - shift)
+                                                  (key None: the posterior mean)
+    apply(variables, z, method='decode_latents') -> decode(z / scaling + shift)
+    apply(variables, x, key=None)              -> (decode(sample), mean, logvar)  (init, training)
 
 Parameters carry logical axis names (see `partitioning`).
 """
@@ -182,7 +184,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = VAEEncoder(z2, **arch, **kw)
         self.decoder = VAEDecoder(self.out_channels, **arch, **kw)
         self.quant_conv = conv(z2, 1, **kw) if self.use_quant_conv else None
-        self.post_quant_conv = conv(self.latent_channels, 1, **kw) if self.use_post_quant_conv else None
+        self.post_quant_conv = (conv(self.latent_channels, 1, **kw) if self.use_post_quant_conv
+                                else None)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x (B, H, W, C) in [-1, 1] -> posterior (mean, logvar), logvar clipped to [-30, 20]."""

@@ -62,6 +62,8 @@ _EMB_KEYS = ("timestep_embedder.linear_1.weight", "timestep_embedder.linear_1.bi
 
 
 CONVENTIONS = ("diffusers", "original")
+_ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+_FF = {"fc1": "0.proj", "fc2": "2"}
 
 
 def dit_fields(config: dict, num_train_timesteps: int = 1000, source: str = "DiT config",
@@ -152,8 +154,8 @@ def _torch_names(path: tuple[str, ...]) -> list[str]:
     if sub == ["adaLN"]:
         return [f"{b}.norm1.linear.{s}"]
     if sub[0] == "attn":
-        return [f"{b}.attn1.{ {'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'out': 'to_out.0'}[sub[1]]}.{s}"]
-    return [f"{b}.ff.net.{ {'fc1': '0.proj', 'fc2': '2'}[sub[0]]}.{s}"]
+        return [f"{b}.attn1.{_ATTN[sub[1]]}.{s}"]
+    return [f"{b}.ff.net.{_FF[sub[0]]}.{s}"]
 
 
 def _check_shared_embedders(sd: StateDict, depth: int) -> None:

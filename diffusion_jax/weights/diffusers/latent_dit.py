@@ -185,8 +185,8 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
     timesteps: diffusers-style integer steps (e.g. DDIMScheduler.timesteps), else a `num_steps`
     grid of the sampler's default spacing. noise: the initial latent (B, h, w, C) (default drawn
     from key). denoise_final (default: unless variance='learned_range'): end with the x0 prediction
-    at the last time (diffusers' final step to alpha = 1). options go to the sampler (e.g. eta, variance='learned_range' for 'ancestral').
-    With return_latents, (images, latents)."""
+    at the last time (diffusers' final step to alpha = 1). options go to the sampler (e.g. eta;
+    variance='learned_range' for 'ancestral'). With return_latents, (images, latents)."""
     labels = jnp.asarray(labels, jnp.int32).reshape(-1)
     shape = (labels.shape[0], *model.latent_shape)
     pair = options.get("variance") == "learned_range"

@@ -339,6 +339,42 @@ def test_latent_dit_end_to_end(dit, vae, tmp_path):
     assert rel_err(eps2, eps) < 1e-5 and rel_err(v, raw[..., 4:]) < 1e-5
 
 
+def test_latent_dit_learned_range_ancestral(dit, vae, monkeypatch):
+    """DiT's own sampler (improved-DDPM ancestral steps with the learned variance, guidance on eps,
+    the conditional v; respaced steps) = diffusers' DDPMScheduler(variance_type='learned_range') on
+    the same injected noise, decoded by the VAE."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+    from diffusers import DDPMScheduler
+    td, dit_path = dit
+    tv, vae_path = vae
+    model = load_latent_dit(dit_path, vae_path)
+    labels = np.array([4, 8])
+    rs = np.random.RandomState(5)
+    x_init = rs.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    step_noise = rs.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)   # (steps, B, C, h, w)
+    timesteps, scale = [500, 250, 0], 2.0
+
+    draws = iter(step_noise)
+    monkeypatch.setattr(ddpm, "randn_tensor", lambda *a, **k: torch.from_numpy(next(draws)))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                          beta_schedule="linear", variance_type="learned_range", clip_sample=False)
+    sched.set_timesteps(timesteps=timesteps)
+    lat, lab = torch.from_numpy(x_init), torch.from_numpy(labels)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = td(torch.cat([lat, lat]), timestep=t.expand(4),
+                     class_labels=torch.cat([lab, torch.full((2,), NC)])).sample
+            eps = out[2:, :4] + scale * (out[:2, :4] - out[2:, :4])
+            lat = sched.step(torch.cat([eps, out[:2, 4:]], 1), t, lat).prev_sample
+        ref = tv.decode(lat / tv.config.scaling_factor).sample.numpy()
+
+    images = sample_latent_dit(model, labels, jax.random.PRNGKey(0), sampler="ancestral",
+                               timesteps=timesteps, guidance_scale=scale, noise=nhwc(x_init),
+                               variance="learned_range", noise_final=True,
+                               step_noise=jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2)))
+    assert rel_err(nchw(images), ref) < 1e-3
+
+
 def test_autoencoder_kl_logical_axes():
     """Every AutoencoderKL parameter carries logical axis names (for `param_shardings`)."""
     m = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)

@@ -29,8 +29,10 @@ import numpy as np
 
 from diffusion_jax.networks.autoencoder_kl import AutoencoderKL
 from diffusion_jax.networks.dit import DiT
+from diffusion_jax.processes.predictions import x0_from_eps
 from diffusion_jax.processes.vp import DiscreteDDPM
-from diffusion_jax.sampling import classifier_free_guidance, sample
+from diffusion_jax.sampling import classifier_free_guidance, get_sampler, sample, time_grid
+from diffusion_jax.sampling.common import raise_if_nonfinite
 from diffusion_jax.weights.diffusers.autoencoder_kl import load_autoencoder_kl
 from diffusion_jax.weights.diffusers.dit import load_dit
 from diffusion_jax.weights.diffusers.folder import WeightsError
@@ -160,7 +162,7 @@ def timestep_grid(process: DiscreteDDPM, timesteps: Sequence[int]) -> np.ndarray
     if n.ndim != 1 or n.size < 1 or np.any(np.diff(n) >= 0) or n.min() < 0 \
             or n.max() > process.num_steps - 1:
         raise ValueError(f"timesteps must be a decreasing sequence of integers in [0, "
-                         f"{process.num_steps - 1}], got {list(np.asarray(timesteps))}")
+                         f"{process.num_steps - 1}], got {np.asarray(timesteps).tolist()}")
     return ((n + 1.0) / process.num_steps).astype(np.float32)
 
 
@@ -176,7 +178,7 @@ def decode_latents(model: LatentDiT, z) -> jax.Array:
 
 def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
                       num_steps: int = 50, guidance_scale: float = 4.0,
-                      timesteps: Optional[Sequence[int]] = None, noise=None,
+                      timesteps: Optional[Sequence[int]] = None, noise=None, step_noise=None,
                       denoise_final: Optional[bool] = None, return_latents: bool = False,
                       **options: Any):
     """Images (B, H, W, 3) float32 (about [-1, 1]) of classes `labels` (B,) (num_classes = the null
@@ -184,8 +186,8 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
 
     timesteps: diffusers-style integer steps (e.g. DDIMScheduler.timesteps), else a `num_steps`
     grid of the sampler's default spacing. noise: the initial latent (B, h, w, C) (default drawn
-    from key). denoise_final (default: unless variance='learned_range'): end with the x0 prediction
-    at the last time (diffusers' final step to alpha = 1). options go to the sampler (e.g. eta;
+    from key); step_noise: a stochastic sampler's noise (steps, B, h, w, C) (default from key). denoise_final (default True): end with the x0 prediction at the last time
+    (diffusers' DDIM final step to alpha = 1; improved DDPM's last ancestral step). options go to the sampler (e.g. eta;
     variance='learned_range' for 'ancestral'). With return_latents, (images, latents)."""
     labels = jnp.asarray(labels, jnp.int32).reshape(-1)
     shape = (labels.shape[0], *model.latent_shape)
@@ -193,10 +195,7 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
     if pair and model.dit.out_channels != 2 * model.latent_shape[-1]:
         raise ValueError("variance='learned_range' needs a learned-sigma DiT (2C outputs)")
     if denoise_final is None:
-        denoise_final = not pair
-    elif denoise_final and pair:
-        raise ValueError("denoise_final needs an eps-only denoiser: not with "
-                         "variance='learned_range'")
+        denoise_final = True
     eps_fn = latent_eps_fn(model.dit, float(guidance_scale), pair)
     ts = None if timesteps is None else timestep_grid(model.process, timesteps)
     if ts is not None and len(ts) < 2:
@@ -205,8 +204,34 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
     if noise is None and ts is not None and ts[0] < model.process.t_max:
         noise = jax.random.normal(k_noise, shape, jnp.float32)
     kw = dict(ts=ts) if ts is not None else dict(num_steps=num_steps)
-    out = sample(sampler, eps_fn, model.process, k_sample, shape, x_init=noise,
-                 cond={"params": model.params["dit"], "label": labels},
-                 denoise_final=denoise_final, **kw, **options)
-    images = decode_latents(model, out.x)
-    return (images, out.x) if return_latents else images
+    cond = {"params": model.params["dit"], "label": labels}
+    if step_noise is None:
+        x = sample(sampler, eps_fn, model.process, k_sample, shape, x_init=noise, cond=cond,
+                   denoise_final=denoise_final and not pair, **kw, **options).x
+    else:   # injected noise: the sampler itself (`sample` takes its options as static)
+        if ts is None:
+            ts = time_grid(model.process, num_steps, get_sampler(sampler).default_spacing)
+        x0 = model.process.prior_sample(k_noise, shape) if noise is None else noise
+        out = _run_with_noise(sampler, eps_fn, model.process, jnp.asarray(x0, jnp.float32),
+                              jnp.asarray(ts), cond, jnp.asarray(step_noise, jnp.float32),
+                              tuple(sorted(options.items())))
+        raise_if_nonfinite(out, ts, sampler)
+        x = out.x
+    if denoise_final and (pair or step_noise is not None):   # x0 step with an eps-only denoiser
+        t_end = float(ts[-1]) if ts is not None else float(options.get("t_end") or
+                                                           model.process.t_min)
+        x = _final_x0(latent_eps_fn(model.dit, float(guidance_scale)), model.process, x,
+                      jnp.float32(t_end), cond)
+    images = decode_latents(model, x)
+    return (images, x) if return_latents else images
+
+
+@functools.partial(jax.jit, static_argnames=("name", "eps_fn", "process", "options"))
+def _run_with_noise(name, eps_fn, process, x, ts, cond, noise, options):
+    return get_sampler(name).fn(eps_fn, process, x, ts, cond=cond, noise=noise, **dict(options))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _final_x0(eps_fn, process, x, t, cond):
+    tb = jnp.full((x.shape[0],), t, jnp.float32)
+    return x0_from_eps(process, x, tb, eps_fn(x, tb, cond))

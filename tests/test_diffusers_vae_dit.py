@@ -22,7 +22,8 @@ from diffusion_jax.weights.diffusers.autoencoder_kl import (autoencoder_kl_field
                                                             load_autoencoder_kl)
 from diffusion_jax.weights.diffusers.dit import convert_dit, dit_fields, load_dit
 from diffusion_jax.weights.diffusers.latent_dit import (latent_eps_fn, load_latent_dit,
-                                                        sample_latent_dit, timestep_grid)
+                                                        sample_latent_dit, scheduler_process,
+                                                        timestep_grid)
 
 NC = 10          # DiT classes; label NC is the null class
 FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
@@ -272,6 +273,15 @@ def test_dit_errors(dit):
               "num_vector_embeds": None, "only_cross_attention": False,
               "use_linear_projection": False}
     assert dit_fields(legacy) == dit_fields(config)
+    # Scheduler configs: DiT's schedule, or an error naming the unsupported key.
+    proc = scheduler_process({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
+                              "beta_schedule": "linear", "set_alpha_to_one": True})
+    assert (proc.num_steps, proc.beta_start, proc.beta_end) == (1000, 1e-4, 0.02)
+    for bad, key in (({"prediction_type": "v_prediction"}, "prediction_type"),
+                     ({"beta_schedule": "scaled_linear"}, "beta_schedule"),
+                     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr")):
+        with pytest.raises(WeightsError, match=key):
+            scheduler_process(bad)
     # An older diffusers' persistent pos_embed buffer is consumed and checked.
     pos = td.pos_embed.pos_embed.numpy()
     convert_dit(config, {**state, "pos_embed.pos_embed": pos})

@@ -63,6 +63,8 @@ def scheduler_process(config: Optional[dict] = None, source: str = "scheduler co
                            f"(known: {sorted(_BETA_SCHEDULES)})")
     if config.get("trained_betas") is not None:
         raise WeightsError(f"{source}: 'trained_betas' is not supported")
+    if config.get("rescale_betas_zero_snr"):
+        raise WeightsError(f"{source}: 'rescale_betas_zero_snr' is not supported")
     pred = config.get("prediction_type", "epsilon")
     if pred != "epsilon":
         raise WeightsError(f"{source}: 'prediction_type' = {pred!r}; only 'epsilon' is supported")

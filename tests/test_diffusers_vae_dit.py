@@ -347,17 +347,22 @@ def test_latent_dit_end_to_end(dit, vae, tmp_path):
     eps, eps2, v, raw = both(x, t, cond)
     assert latent_eps_fn(model.dit, 4.0) is latent_eps_fn(model.dit, 4.0)    # one compile
     assert rel_err(eps2, eps) < 1e-5 and rel_err(v, raw[..., 4:]) < 1e-5
+    eps3 = jax.jit(latent_eps_fn(model.dit, 4.0, False, 3), **FAST)(x, t, cond)
+    assert rel_err(eps3[..., :3], eps[..., :3]) < 1e-5 and rel_err(eps3[..., 3], raw[..., 3]) < 1e-5
 
 
 def test_latent_dit_learned_range_ancestral(dit, vae, monkeypatch):
-    """DiT's own sampler (improved-DDPM ancestral steps with the learned variance, guidance on eps,
-    the conditional v; respaced steps) = diffusers' DDPMScheduler(variance_type='learned_range') on
-    the same injected noise, decoded by the VAE."""
+    """DiT's own sampler (improved-DDPM ancestral steps with the learned variance, respaced steps;
+    guidance on eps channels 0..2 only, the conditional v, as facebookresearch/DiT's
+    forward_with_cfg) = diffusers' DDPMScheduler(variance_type='learned_range') on the same
+    injected noise, decoded by the VAE."""
     import diffusers.schedulers.scheduling_ddpm as ddpm
     from diffusers import DDPMScheduler
     td, dit_path = dit
     tv, vae_path = vae
     model = load_latent_dit(dit_path, vae_path)
+    assert model.guided_channels is None
+    assert load_latent_dit(dit_path, vae_path, convention="original").guided_channels == 3
     labels = np.array([4, 8])
     rs = np.random.RandomState(5)
     x_init = rs.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -374,13 +379,14 @@ def test_latent_dit_learned_range_ancestral(dit, vae, monkeypatch):
         for t in sched.timesteps:
             out = td(torch.cat([lat, lat]), timestep=t.expand(4),
                      class_labels=torch.cat([lab, torch.full((2,), NC)])).sample
-            eps = out[2:, :4] + scale * (out[:2, :4] - out[2:, :4])
+            eps = out[2:, :3] + scale * (out[:2, :3] - out[2:, :3])
+            eps = torch.cat([eps, out[:2, 3:4]], 1)            # channel 3: conditional eps
             lat = sched.step(torch.cat([eps, out[:2, 4:]], 1), t, lat).prev_sample
         ref = tv.decode(lat / tv.config.scaling_factor).sample.numpy()
 
     images = sample_latent_dit(model, labels, jax.random.PRNGKey(0), sampler="ancestral",
                                timesteps=timesteps, guidance_scale=scale, noise=nhwc(x_init),
-                               variance="learned_range", noise_final=True,
+                               variance="learned_range", noise_final=True, guided_channels=3,
                                step_noise=jnp.asarray(step_noise.transpose(0, 1, 3, 4, 2)))
     assert rel_err(nchw(images), ref) < 1e-3
 

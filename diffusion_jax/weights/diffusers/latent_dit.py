@@ -12,7 +12,10 @@ ts[-1] (`denoise_final`); pass them as `timesteps`. Guidance is classifier-free 
 
     eps = eps(x, t, null) + w (eps(x, t, label) - eps(x, t, null)),     null = num_classes,
 
-and a learned-sigma DiT (2C outputs) gives eps from its first C channels (with `pair`: (eps, v), v
+on all C channels, or, with `guided_channels` k, on the first k only (the other channels keep the
+conditional eps: facebookresearch/DiT guides 3 of the 4 latent channels "for exact
+reproducibility" of the paper's results, so convention='original' sets k = 3); a learned-sigma
+DiT (2C outputs) gives eps from its first C channels (with `pair`: (eps, v), v
 its last C channels for ancestral sampling with variance='learned_range'). Images are
 vae.decode(z / scaling_factor + shift_factor), float32 in about [-1, 1].
 """
@@ -44,12 +47,14 @@ _BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 
 
 class LatentDiT(NamedTuple):
-    """The pieces of a latent DiT. params = {'dit': ..., 'vae': ...}; latent_shape (h, w, C)."""
+    """The pieces of a latent DiT. params = {'dit': ..., 'vae': ...}; latent_shape (h, w, C);
+    guided_channels: channels classifier-free guidance acts on (None: all)."""
     dit: DiT
     vae: AutoencoderKL
     params: dict
     process: DiscreteDDPM
     latent_shape: tuple[int, int, int]
+    guided_channels: Optional[int] = None
 
 
 def scheduler_process(config: Optional[dict] = None, source: str = "scheduler config"
@@ -100,7 +105,7 @@ def load_latent_dit(dit_path: str, vae_path: str, *, scheduler_path: Optional[st
     The schedule comes from `scheduler_path` (a folder or scheduler_config.json), else from a
     `scheduler` folder next to dit_path, else DiT's default. latent_size defaults to the DiT
     config's sample_size. convention: 'diffusers' (what diffusers computes) or 'original' (what
-    facebookresearch/DiT computes; see `weights.diffusers.dit`)."""
+    facebookresearch/DiT computes; see `weights.diffusers.dit`; guidance on 3 channels)."""
     sched, src = _read_scheduler(dit_path, scheduler_path)
     process = scheduler_process(sched, src)
     dit, dit_params = load_dit(dit_path, num_train_timesteps=process.num_steps,
@@ -117,13 +122,16 @@ def load_latent_dit(dit_path: str, vae_path: str, *, scheduler_path: Optional[st
     with open(os.path.join(dit_path, "config.json"), encoding="utf-8") as fh:
         size = latent_size or int(json.load(fh).get("sample_size", 32))
     return LatentDiT(dit, vae, {"dit": dit_params, "vae": vae_params}, process,
-                     (size, size, vae.latent_channels))
+                     (size, size, vae.latent_channels),
+                     3 if convention == "original" and vae.latent_channels > 3 else None)
 
 
 @functools.lru_cache(maxsize=32)
-def latent_eps_fn(dit: DiT, guidance_scale: float = 1.0, pair: bool = False):
+def latent_eps_fn(dit: DiT, guidance_scale: float = 1.0, pair: bool = False,
+                  guided_channels: Optional[int] = None):
     """eps_fn(x, t, cond) for the library's samplers, cond = {'params': DiT params, 'label': (B,)
-    int}; classifier-free guided unless guidance_scale == 1; see the module docstring.
+    int}; classifier-free guided (on the first `guided_channels`, None: all) unless
+    guidance_scale == 1; see the module docstring.
 
     Cached: the same arguments give the same function, so `sampling.sample` compiles once."""
     if dit.num_classes is None:
@@ -140,7 +148,7 @@ def latent_eps_fn(dit: DiT, guidance_scale: float = 1.0, pair: bool = False):
         b = x.shape[0]
         if label is None:
             label = jnp.full((b,), null, jnp.int32)
-        if not pair:
+        if not pair and guided_channels is None:
             first = lambda x_, t_, c_: net(params, x_, t_, c_["label"])[..., :c]  # noqa: E731
             if scale == 1.0:
                 return first(x, t, {"label": label})
@@ -148,12 +156,15 @@ def latent_eps_fn(dit: DiT, guidance_scale: float = 1.0, pair: bool = False):
                 x, t, {"label": label})
         if scale == 1.0:
             out = net(params, x, t, label)
-            return out[..., :c], out[..., c:]
+            return (out[..., :c], out[..., c:]) if pair else out[..., :c]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         out = net(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                   jnp.concatenate([label, jnp.full((b,), null, label.dtype)]))
         eps_c, eps_u = out[:b, ..., :c], out[b:, ..., :c]
-        return eps_u + scale * (eps_c - eps_u), out[:b, ..., c:]
+        eps = eps_u + scale * (eps_c - eps_u)
+        if guided_channels is not None:
+            eps = jnp.concatenate([eps[..., :guided_channels], eps_c[..., guided_channels:]], -1)
+        return (eps, out[:b, ..., c:]) if pair else eps
 
     return eps_fn
 
@@ -182,15 +193,17 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
                       num_steps: int = 50, guidance_scale: float = 4.0,
                       timesteps: Optional[Sequence[int]] = None, noise=None, step_noise=None,
                       denoise_final: Optional[bool] = None, return_latents: bool = False,
-                      **options: Any):
+                      guided_channels: Any = "model", **options: Any):
     """Images (B, H, W, 3) float32 (about [-1, 1]) of classes `labels` (B,) (num_classes = the null
     class: unconditional).
 
     timesteps: diffusers-style integer steps (e.g. DDIMScheduler.timesteps), else a `num_steps`
     grid of the sampler's default spacing. noise: the initial latent (B, h, w, C) (default drawn
-    from key); step_noise: a stochastic sampler's noise (steps, B, h, w, C) (default from key). denoise_final (default True): end with the x0 prediction at the last time
-    (diffusers' DDIM final step to alpha = 1; improved DDPM's last ancestral step). options go to the sampler (e.g. eta;
-    variance='learned_range' for 'ancestral'). With return_latents, (images, latents)."""
+    from key); step_noise: a stochastic sampler's noise (steps, B, h, w, C) (default from key).
+    denoise_final (default True): end with the x0 prediction at the last time (diffusers' DDIM
+    final step to alpha = 1; improved DDPM's last ancestral step). guided_channels: the model's
+    (3 for convention='original', else all) unless given (None: all). options go to the sampler
+    (e.g. eta; variance='learned_range' for 'ancestral'). With return_latents, (images, latents)."""
     labels = jnp.asarray(labels, jnp.int32).reshape(-1)
     shape = (labels.shape[0], *model.latent_shape)
     pair = options.get("variance") == "learned_range"
@@ -198,7 +211,8 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
         raise ValueError("variance='learned_range' needs a learned-sigma DiT (2C outputs)")
     if denoise_final is None:
         denoise_final = True
-    eps_fn = latent_eps_fn(model.dit, float(guidance_scale), pair)
+    k = model.guided_channels if guided_channels == "model" else guided_channels
+    eps_fn = latent_eps_fn(model.dit, float(guidance_scale), pair, k)
     ts = None if timesteps is None else timestep_grid(model.process, timesteps)
     if ts is not None and len(ts) < 2:
         raise ValueError("timesteps needs at least 2 entries (denoise_final adds the last x0 step)")
@@ -222,8 +236,8 @@ def sample_latent_dit(model: LatentDiT, labels, key, *, sampler: str = "ddim",
     if denoise_final and (pair or step_noise is not None):   # x0 step with an eps-only denoiser
         t_end = float(ts[-1]) if ts is not None else float(options.get("t_end") or
                                                            model.process.t_min)
-        x = _final_x0(latent_eps_fn(model.dit, float(guidance_scale)), model.process, x,
-                      jnp.float32(t_end), cond)
+        x = _final_x0(latent_eps_fn(model.dit, float(guidance_scale), False, k), model.process,
+                      x, jnp.float32(t_end), cond)
     images = decode_latents(model, x)
     return (images, x) if return_latents else images
 

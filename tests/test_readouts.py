@@ -117,6 +117,24 @@ def test_dit_pools_over_tokens():
     np.testing.assert_allclose(fd["block_1"][1], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_max_and_mean_max_pools_equal_the_raw_map_pooled(unet):
+    """'gmp' is the max of the raw map over (H, W); 'gap_gmp' concatenates [mean, max] (2C)."""
+    module, params, x, cond = unet
+    noise = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    kw = dict(process=PROC, noise=noise, cond=cond)
+    raw = {b: np.asarray(v) for b, v in R.features(module, params, x, TS, BLOCKS, pool="none",
+                                                   **kw).items()}
+    mx = R.features(module, params, x, TS, BLOCKS, pool="gmp", **kw)
+    both = R.features(module, params, x, TS, BLOCKS, pool="gap_gmp", **kw)
+    for b in BLOCKS:
+        c = raw[b].shape[-1]
+        np.testing.assert_allclose(mx[b], raw[b].max((2, 3)), rtol=1e-6, atol=1e-6, err_msg=b)
+        assert both[b].shape == raw[b].shape[:2] + (2 * c,)
+        np.testing.assert_allclose(both[b][..., :c], raw[b].mean((2, 3)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(both[b][..., c:], raw[b].max((2, 3)), rtol=1e-6, atol=1e-6)
+        assert np.abs(raw[b].max((2, 3)) - raw[b].mean((2, 3))).mean() > 1e-3   # not the same
+
+
 def test_feature_errors(unet):
     module, params, x, _ = unet
     with pytest.raises(ValueError, match=r"unknown block.*'nope'.*valid blocks.*up_1_0"):

@@ -10,7 +10,10 @@ left out: it is defined only up to each shape's symmetry):
     PCA-d               its first d principal components (d = the latent size, or 64)
     readout (t, block)  DDAE: the denoiser's pooled block output at noise level t; the best cell of
                         the (config.readout.timesteps x blocks) sweep, chosen on validation accuracy
-                        (for an autoencoder the decoder is conditioned on the image's own z)
+                        (for an autoencoder the decoder is conditioned on the image's own z);
+                        pooled as config.readout.pool (mean, max or both)
+    readout (t, all)    every block's pooled features concatenated at the best t
+                        (config.readout.concat)
     latent z            the autoencoder's latent (DiffAE z_sem, DMZ bits)
 
 Writes workdir/probe/step<N>.json, step<N>_heatmap.png (sweep) and returns the rows.
@@ -107,20 +110,26 @@ def probe_table(exp, state, train: dict, test: dict, *, key, train_z=None, test_
         module, params = exp.module.decoder, params["decoder"]
         cond_tr, cond_te = {"z": train_z}, {"z": test_z}
     blocks = tuple(cfg.readout.blocks) or None
+    pool = cfg.readout.pool
     sweep = probe_sweep(module, params, train["x"], train["label"], test["x"], test["label"],
                         process=exp.process, timesteps=tuple(cfg.readout.timesteps),
                         blocks=blocks, key=key, methods=("linear",), cond_train=cond_tr,
-                        cond_test=cond_te)
+                        cond_test=cond_te, pool=pool)
     best = sweep.best("linear", on="val")
     log(f"probe: readout sweep over {len(sweep.timesteps)} t x {len(sweep.blocks)} blocks; best "
         f"(by validation) t={best['t']:.3g} block {best['block']} ({time.perf_counter() - t0:.0f}s)")
-    feats = [extract_features(module, params, d["x"], (best["t"],), (best["block"],),
-                              process=exp.process, batch_size=64,
+    read = list(sweep.blocks) if cfg.readout.concat else [best["block"]]
+    feats = [extract_features(module, params, d["x"], (best["t"],), tuple(read),
+                              process=exp.process, batch_size=64, pool=pool,
                               key=jax.random.fold_in(key, i), cond=c)
              for i, (d, c) in enumerate(((train, cond_tr), (test, cond_te)))]
-    name = f"readout t={best['t']:.3g} {best['block']}" + (" (given z)" if exp.is_autoencoder
-                                                           else "")
+    given = " (given z)" if exp.is_autoencoder else ""
+    pooled = "" if pool == "gap" else f" {pool}"
+    name = f"readout t={best['t']:.3g} {best['block']}{pooled}{given}"
     add(name, feats[0][best["block"]][0], feats[1][best["block"]][0])
+    if cfg.readout.concat and len(read) > 1:
+        cat = [np.concatenate([f[b][0] for b in read], axis=-1) for f in feats]
+        add(f"readout t={best['t']:.3g} all {len(read)} blocks{pooled}{given}", *cat)
     if train_z is not None:
         add("latent z", train_z, test_z)
     if heatmap:

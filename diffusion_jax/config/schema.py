@@ -391,6 +391,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "num_train": Field(int, 0, check=_non_negative, doc="probe train examples; 0: all"),
         "num_test": Field(int, 0, check=_non_negative, doc="probe test examples; 0: all"),
         "knn_k": Field(int, 20, check=_positive),
+        "pool": Field(str, "gap", choices=("gap", "gmp", "gap_gmp"),
+                      doc="spatial pooling of a block's map: mean (DDAE), max, or both "
+                          "(readouts.features)"),
+        "concat": Field(bool, True, doc="also probe every block's pooled features concatenated "
+                                        "at the best t (a multi-block 'hypercolumn' readout)"),
     },
     "report": {
         "enabled": Field(bool, True, doc="write report.md/html (samples, reconstructions, "

@@ -4,7 +4,12 @@ For a grid of times t_1..t_T and clean inputs x (B, H, W, C):
 
     x_{t_j} = alpha(t_j) x + sigma(t_j) eps_j                      (the process' marginal)
     h_j     = sown block output of module(x_{t_j}, t_j, cond)     ('intermediates' collection)
-    f_j     = mean of h_j over every axis but batch and channel   (global average pooling)
+    f_j     = pool(h_j) over every axis but batch and channel:
+              'gap'     mean                 (global average pooling; DDAE's readout)
+              'gmp'     max                  (global max pooling: a small object on a large
+                                              background is not averaged away)
+              'gap_gmp' [mean, max]          (2C features)
+              'none'    the map itself       (B, H, W, C) / (B, N, D)
 
 The network runs once per t, every requested block read from that one pass, and the t axis is a
 `jax.vmap`: a whole grid is one compiled call. XLA drops whatever the requested blocks do not need
@@ -35,7 +40,7 @@ import numpy as np
 from diffusion_jax.networks import block_names
 from diffusion_jax.processes.base import Process
 
-POOLS = ("gap", "none")
+POOLS = ("gap", "gmp", "gap_gmp", "none")
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -103,8 +108,13 @@ def _draw_noise(key, shape, num_timesteps, share, offset):
 # ------------------------------------------------------------------------------------ readout
 def _pool(h: jax.Array, pool: str) -> jax.Array:
     h = h.astype(jnp.float32)
+    axes = tuple(range(1, h.ndim - 1))
     if pool == "gap":
-        return jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+        return jnp.mean(h, axis=axes)
+    if pool == "gmp":
+        return jnp.max(h, axis=axes)
+    if pool == "gap_gmp":
+        return jnp.concatenate([jnp.mean(h, axis=axes), jnp.max(h, axis=axes)], axis=-1)
     return h
 
 
@@ -148,8 +158,9 @@ def features(module, params, x, timesteps, blocks, *, process: Process, key=None
     """Readouts of `blocks` at every t of `timesteps` (T,): dict block -> (T, B, C) float32.
 
     x_t = alpha(t) x + sigma(t) eps with eps from `key` (fresh per t, `draw_noise`) or the given
-    `noise` (x.shape: shared across t; (T, *x.shape): per t). pool='gap' averages the sown map over
-    its spatial / token axes; pool='none' returns the raw map (T, B, H, W, C) or (T, B, N, D).
+    `noise` (x.shape: shared across t; (T, *x.shape): per t). pool='gap' / 'gmp' / 'gap_gmp' pool the
+    sown map over its spatial / token axes (mean / max / both, see the module docstring);
+    pool='none' returns the raw map (T, B, H, W, C) or (T, B, N, D).
     `params` is the module's 'params' collection (`batch_stats` added if the module has BatchNorm).
     """
     x = jnp.asarray(x, jnp.float32)

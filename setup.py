@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "tqdm>=4.66",
     "safetensors>=0.4",
+    "scipy>=1.11",          # FID's matrix square root (scipy.linalg.sqrtm, as pytorch-fid)
 ]
 
 REFERENCE_IMPLEMENTATIONS = [

@@ -31,7 +31,8 @@ Then, with the EMA parameters of the final checkpoints:
      numbers): linear probe (5-fold CV) and k-NN accuracy on the labels, and for shapes per factor
      (color accuracy, scale / pos_x / pos_y ridge R^2), for raw pixels, PCA-d (d = the latent
      size), PCA-64, the DDAE readout of the DDPM at the best (t, block) of the sweep (chosen on
-     validation accuracy), DiffAE z_sem and the DMZ code;
+     validation accuracy) and every block concatenated at that t, each max-pooled (READOUT_POOL)
+     and mean-pooled (DDAE's own), DiffAE z_sem and the DMZ code;
   3. reconstruction MSE of DiffAE and DMZ from (z, x_T = DDIM^{-1}(x0 | z)) and from (z, fresh
      noise) (`cli.autoencoder.reconstructions`), on the first test images;
   4. sample grids: bench/results/representations/<dataset>/<model>.png (DDPM and DMZ: ancestral,
@@ -68,6 +69,7 @@ from diffusion_jax.cli.experiment import (build_experiment, generate, image_shap
 from diffusion_jax.cli.probe import pca_features, probe_table, score_features
 from diffusion_jax.config import base_config
 from diffusion_jax.evaluation import frechet_distance, kernel_distance, train_feature_classifier
+from diffusion_jax.readouts import extract_features
 from diffusion_jax.reports import image_grid
 from diffusion_jax.training import read_metrics
 
@@ -98,6 +100,8 @@ DATASETS = {
 }
 IP_GAMMA = 0.1                    # DDPM-IP's gamma (DMZ: 0.1 outside CIFAR-10)
 READOUT_T = (0.012, 0.05, 0.1, 0.25)
+READOUT_POOL = "gmp"   # max pooling: a small glyph on a large background is not averaged away;
+                       # DDAE's mean pooling is reported beside it
 
 
 def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: int = 0,
@@ -154,6 +158,7 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
     s.num_samples, s.batch_size, s.seed = 64, sample_batch, seed
     r = c.readout
     r.timesteps, r.blocks, r.knn_k = READOUT_T, (), spec.knn_k
+    r.pool, r.concat = READOUT_POOL, True
     r.num_train, r.num_test = spec.probe_train, spec.probe_test
     rep = c.report
     rep.enabled = False
@@ -213,6 +218,18 @@ def representations(models: dict, train: dict, test: dict, z: dict, spec: Datase
         if name.startswith("readout"):
             name = f"DDPM {name} (DDAE)"
         rows.append({**row, "features": name})
+    pool = exp.config.readout.pool
+    if pool != "gap":    # DDAE's own mean pooling at the same t, best block and every block
+        best, blocks = table["best"], tuple(table["sweep"]["blocks"])
+        params = sampling_params(exp, state)
+        f = [extract_features(exp.module, params, d["x"], (best["t"],), blocks,
+                              process=exp.process, batch_size=64, pool="gap",
+                              key=jax.random.fold_in(jax.random.PRNGKey(seed + 3), i))
+             for i, d in enumerate((train, test))]
+        for what, bl in ((best["block"], (best["block"],)), (f"all {len(blocks)} blocks", blocks)):
+            ftr, fte = (np.concatenate([g[b][0] for b in bl], -1) for g in f)
+            rows.append({"features": f"DDPM readout t={best['t']:.3g} {what} gap (DDAE)",
+                         **score_features(ftr, fte, train, test, knn_k=spec.knn_k)})
     xtr = np.asarray(train["x"]).reshape(len(train["x"]), -1)
     xte = np.asarray(test["x"]).reshape(len(test["x"]), -1)
     d = spec.z_dim

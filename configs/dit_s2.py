@@ -72,7 +72,9 @@ def get_config():
 
     sample = config.sample
     sample.sampler = "ancestral"
-    sample.num_steps = 250
+    sample.num_steps = 249                 # + the final x0 step (sample.denoise_final): 250 NFE,
+                                           # DiT's 250 respaced DDPM steps
+    sample.denoise_final = True
     sample.spacing = "uniform"
     sample.num_samples = 64
     sample.guidance_scale = 1.0

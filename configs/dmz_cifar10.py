@@ -78,7 +78,8 @@ def get_config():
 
     s = config.sample
     s.sampler = "ancestral"
-    s.num_steps = 100
+    s.num_steps = 99                       # + the final x0 step (denoise_final): 100 NFE, the
+    s.denoise_final = True                 # paper's 100 respaced ancestral steps
     s.spacing = "uniform"
     s.kwargs.variance = "learned_range"
     s.kwargs.clip_x0 = True

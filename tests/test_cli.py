@@ -153,3 +153,24 @@ def test_sample_and_eval_need_a_checkpoint(tmp_path):
         cli.main(["diffusion_jax", f"--config={DEFAULT}", f"--workdir={empty}", "--mode=sample"])
     with pytest.raises(cli.CLIError, match="--config is required"):
         cli.main(["diffusion_jax", f"--workdir={empty}"])
+
+
+def test_checkpoint_from_an_older_schema_is_compatible():
+    """A checkpoint's saved config that predates a model field (here the UNet's published-weights
+    conventions) is compared with that field's default, so the run still resumes / samples; a
+    real difference is still refused."""
+    from diffusion_jax.cli.experiment import check_checkpoint_compatible, json_config
+    from diffusion_jax.config import base_config, validate
+    config = validate(base_config("unet", "ddpm", "eps"))
+    saved = json_config(config)
+    for k in ("downsample_padding", "mid_attn", "norm_eps", "time_offset", "time_freq_shift"):
+        saved["model"].pop(k)
+
+    class Saved:
+        def read_config(self, step=None):
+            return saved
+
+    check_checkpoint_compatible(Saved(), config, "w")          # no error
+    saved["model"]["ch"] = config.model.ch * 2
+    with pytest.raises(cli.CLIError, match=r"model\.ch"):
+        check_checkpoint_compatible(Saved(), config, "w")

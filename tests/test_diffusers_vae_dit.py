@@ -317,7 +317,7 @@ def test_latent_dit_end_to_end(dit, vae, tmp_path):
     os.symlink(vae_path, root / "vae")
     DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                   clip_sample=False, set_alpha_to_one=True).save_pretrained(str(root / "scheduler"))
-    model = load_latent_dit(str(root / "transformer"), str(root / "vae"))
+    model = load_latent_dit(str(root / "transformer"), str(root / "vae"), convention="diffusers")
     assert model.latent_shape == (8, 8, 4) and model.process.num_steps == 1000
     labels = np.array([1, NC, 7])
     noise = np.random.RandomState(3).standard_normal((3, 4, 8, 8)).astype(np.float32)
@@ -360,9 +360,9 @@ def test_latent_dit_learned_range_ancestral(dit, vae, monkeypatch):
     from diffusers import DDPMScheduler
     td, dit_path = dit
     tv, vae_path = vae
-    model = load_latent_dit(dit_path, vae_path)
+    model = load_latent_dit(dit_path, vae_path, convention="diffusers")
     assert model.guided_channels is None
-    assert load_latent_dit(dit_path, vae_path, convention="original").guided_channels == 3
+    assert load_latent_dit(dit_path, vae_path).guided_channels == 3     # the paper's code
     labels = np.array([4, 8])
     rs = np.random.RandomState(5)
     x_init = rs.standard_normal((2, 4, 8, 8)).astype(np.float32)

@@ -409,6 +409,13 @@ def check_checkpoint_compatible(ckpt, config, workdir: str, step: int | None = N
         return
     if not saved:
         return
+    # fields added to the schema after the checkpoint was written take their defaults (which keep
+    # the behaviour the checkpoint was trained with)
+    full = json_config(cv.from_dict(saved, validate_config=False))
+    saved = dict(saved)
+    for section in ("model", "autoencoder"):
+        if isinstance(saved.get(section), dict) and isinstance(full.get(section), dict):
+            saved[section] = {**full[section], **saved[section]}
     a, b = state_structure(saved), state_structure(json_config(config))
     from diffusion_jax.training.loop import config_diff
     diffs = config_diff(a, b)

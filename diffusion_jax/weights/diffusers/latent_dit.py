@@ -98,14 +98,15 @@ def _read_scheduler(dit_path: str, scheduler_path: Optional[str]) -> tuple[Optio
 
 
 def load_latent_dit(dit_path: str, vae_path: str, *, scheduler_path: Optional[str] = None,
-                    latent_size: Optional[int] = None, convention: str = "diffusers"
+                    latent_size: Optional[int] = None, convention: str = "original"
                     ) -> LatentDiT:
     """DiT (`transformer` folder) + AutoencoderKL (`vae` folder) + process.
 
     The schedule comes from `scheduler_path` (a folder or scheduler_config.json), else from a
     `scheduler` folder next to dit_path, else DiT's default. latent_size defaults to the DiT
-    config's sample_size. convention: 'diffusers' (what diffusers computes) or 'original' (what
-    facebookresearch/DiT computes; see `weights.diffusers.dit`; guidance on 3 channels)."""
+    config's sample_size. convention: 'original' (the default: what facebookresearch/DiT, the code
+    the published weights were trained and evaluated with, computes; see `weights.diffusers.dit`;
+    guidance on 3 channels) or 'diffusers' (what diffusers' DiTTransformer2DModel computes)."""
     sched, src = _read_scheduler(dit_path, scheduler_path)
     process = scheduler_process(sched, src)
     dit, dit_params = load_dit(dit_path, num_train_timesteps=process.num_steps,

@@ -3,6 +3,11 @@ digits, next to the linear probe and k-NN of the same model's DDAE readout and o
 
     python bench/diffusion_classifier.py [--out bench/results/diffusion_classifier.json]
         [--steps 1500] [--samples 8,32,128] [--workdir bench/results/diffusion_classifier]
+        [--dataset digits/16 | shapes/32 | glyphs/32] [--num_test 1000]
+
+digits/16 (the default) uses the network below; shapes/32 and glyphs/32 use the DDPM of
+`bench/representations.py` (UNet ch 16, hybrid objective, 800 steps by default) with the class label
+(shape / glyph) as condition, so the zero-shot accuracy sits next to that bench's readouts.
 
 The model is the README's default network (UNet ch 32, ch_mult (1, 2), cosine process, v
 prediction, configs/default.py) without the encoder and with the digit label as its condition
@@ -50,6 +55,19 @@ def make_config(steps: int):
     return c
 
 
+NUM_CLASSES = {"digits/16": 10, "shapes/32": 4, "glyphs/32": 6}
+
+
+def make_dataset_config(dataset: str, steps: int | None):
+    """The representations bench's DDPM on `dataset`, conditioned on its class label."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import representations as rb
+    c = rb.make_config(dataset, "ddpm", steps=steps or rb.DATASETS[dataset].steps)
+    c.model.num_classes = NUM_CLASSES[dataset]
+    cv.validate(c)
+    return c
+
+
 def model_cond(labels, cond):
     """cond_fn for the command line's eps_fn: the parameters travel in cond (compiled once)."""
     return {"params": cond["params"], "model_cond": {"label": labels}}
@@ -57,19 +75,33 @@ def model_cond(labels, cond):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "diffusion_classifier.json"))
-    ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "results", "diffusion_classifier"))
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--out", default=None, help="default: bench/results/diffusion_classifier"
+                    "[_<dataset>].json")
+    ap.add_argument("--workdir", default=None, help="default: bench/results/diffusion_classifier"
+                    "[_<dataset>]")
+    ap.add_argument("--steps", type=int, default=None, help="default: 1500 (digits), 800 (others)")
+    ap.add_argument("--dataset", default="digits/16", choices=tuple(NUM_CLASSES))
+    ap.add_argument("--num_test", type=int, default=1000, help="test images (and 4x train for "
+                    "the probes) outside digits")
     ap.add_argument("--samples", default="16")
     ap.add_argument("--batch", type=int, default=99, help="test images per classification call")
     args = ap.parse_args(argv)
-    config = make_config(args.steps)
+    k = NUM_CLASSES[args.dataset]
+    tag = "" if args.dataset == "digits/16" else "_" + args.dataset.replace("/", "_")
+    base = os.path.join(ROOT, "bench", "results", "diffusion_classifier" + tag)
+    args.out, args.workdir = args.out or base + ".json", args.workdir or base
+    if args.dataset == "digits/16":
+        config = make_config(args.steps or 1500)
+    else:
+        config = make_dataset_config(args.dataset, args.steps)
+        config.readout.num_train, config.readout.num_test = 4 * args.num_test, args.num_test
     t0 = time.perf_counter()
     cli.execute(config, args.workdir, "train", progress=False)
     train_seconds = time.perf_counter() - t0
     exp = build_experiment(config, image_shape_of(open_split(config, "train")))
     step, state = restore_checkpoint(exp, args.workdir, None)
-    train, test = load_arrays(config, "train"), load_arrays(config, "test")
+    train = load_arrays(config, "train", config.readout.num_train)
+    test = load_arrays(config, "test", config.readout.num_test)
     params = sampling_params(exp, state)
     eps_fn = make_eps_fn(exp)
     rows = []
@@ -79,18 +111,18 @@ def main(argv=None):
             preds = []
             for i in range(0, len(test["x"]), args.batch):
                 p, _ = diffusion_classify(eps_fn, exp.process, test["x"][i:i + args.batch],
-                                          jax.random.PRNGKey(i), num_classes=10, num_samples=s,
+                                          jax.random.PRNGKey(i), num_classes=k, num_samples=s,
                                           weighting=weighting, cond={"params": params}, cond_fn=model_cond)
                 preds.append(np.asarray(p))
             acc = float(np.mean(np.concatenate(preds) == test["label"]))
             sec = time.perf_counter() - t1
-            rows.append({"features": f"diffusion classifier ({weighting}, {s} draws x 10 classes)",
-                         "linear": acc, "seconds": sec, "evals_per_image": 10 * s})
+            rows.append({"features": f"diffusion classifier ({weighting}, {s} draws x {k} classes)",
+                         "linear": acc, "seconds": sec, "evals_per_image": k * s})
             print(f"diffusion classifier, weighting {weighting}, {s} draws: accuracy {acc:.3f} ({sec:.0f} s)",
                   flush=True)
     table = probe_table(exp, state, train, test, key=jax.random.PRNGKey(3), log=print)
     rows = table["rows"] + rows
-    record = {"step": step, "train_seconds": train_seconds, "rows": rows, "readout_best": table["best"],
+    record = {"dataset": args.dataset, "step": step, "train_seconds": train_seconds, "rows": rows, "readout_best": table["best"],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__}}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

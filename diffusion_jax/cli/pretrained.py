@@ -48,6 +48,22 @@ def has_weights(config, workdir: str) -> bool:
     return has_checkpoints(workdir) or bool(config.model.init_from)
 
 
+def load_run(config, workdir: str, step=None, image_shape=None):
+    """(Experiment, checkpoint step, state) of a run for the modes that read one: the checkpoint
+    at `step` (None: the newest), else model.init_from's converted weights; CLIError when there
+    are neither. image_shape None: the dataset's, from its metadata (no data is read)."""
+    from diffusion_jax.cli.experiment import build_experiment, missing_checkpoint, restore_checkpoint
+    if not has_weights(config, workdir):
+        raise missing_checkpoint(workdir)
+    if image_shape is None:
+        from diffusion_jax.data import dataset_info
+        image_shape = dataset_info(config.data.name, data_dir=config.data.data_dir,
+                                   image_size=config.data.image_size).image_shape
+    exp = build_experiment(config, tuple(image_shape))
+    ckpt_step, state = restore_checkpoint(exp, workdir, step)
+    return exp, ckpt_step, state
+
+
 def _num_timesteps(config) -> int:
     from diffusion_jax.processes import DiscreteDDPM
     return int(config.process.kwargs.get("num_steps", None) or DiscreteDDPM.num_steps)

@@ -28,10 +28,9 @@ import time
 
 import numpy as np
 
-from diffusion_jax.cli.experiment import (
-    CLIError, has_checkpoints, missing_checkpoint, say, build_experiment, make_eps_fn,
-    sampling_params, generate, restore_checkpoint, open_split, json_config)
-from diffusion_jax.cli.pretrained import has_weights
+from diffusion_jax.cli.experiment import (CLIError, say, make_eps_fn, sampling_params, generate,
+                                          open_split, json_config)
+from diffusion_jax.cli.pretrained import load_run
 
 __all__ = ["run_quality", "evaluate_images", "make_extractor", "reference_statistics",
            "quality_rows"]
@@ -140,19 +139,13 @@ def _latents(exp, state, n: int, seed: int):
 def run_quality(config, workdir: str, step: int | None, *, progress: bool = True) -> dict:
     """--mode=fid (see the module docstring); returns the metrics and writes them as JSON."""
     import jax
-    from diffusion_jax.data import dataset_info
     from diffusion_jax.evaluation.inception import missing_weights_message
 
     q = config.quality
     w = q.inception_weights
     if not w or not os.path.isfile(os.path.expanduser(w)):  # fail fast, before sampling
         raise CLIError(missing_weights_message(w))
-    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
-        raise missing_checkpoint(workdir)
-    info = dataset_info(config.data.name, data_dir=config.data.data_dir,
-                        image_size=config.data.image_size)
-    exp = build_experiment(config, tuple(info.image_shape))
-    ckpt_step, state = restore_checkpoint(exp, workdir, step)
+    exp, ckpt_step, state = load_run(config, workdir, step)   # a checkpoint, or model.init_from
     s = config.sample
     n = int(q.num_samples)
     z, latents = _latents(exp, state, n, int(s.seed))

@@ -4,24 +4,16 @@ from __future__ import annotations
 import os
 import time
 
-from diffusion_jax.cli.experiment import (
-    CLIError, has_checkpoints, missing_checkpoint, say, build_experiment, make_eps_fn,
-    sampling_params, generate, restore_checkpoint)
-from diffusion_jax.cli.pretrained import has_weights
+from diffusion_jax.cli.experiment import CLIError, say, make_eps_fn, sampling_params, generate
+from diffusion_jax.cli.pretrained import load_run
 
 
 def run_sample(config, workdir: str, step: int | None) -> dict:
     import jax
     import numpy as np
-    from diffusion_jax.data import dataset_info
     from diffusion_jax.reports import image_grid
 
-    if not has_weights(config, workdir):           # a checkpoint, or model.init_from
-        raise missing_checkpoint(workdir)
-    info = dataset_info(config.data.name, data_dir=config.data.data_dir,
-                        image_size=config.data.image_size)
-    exp = build_experiment(config, tuple(info.image_shape))
-    ckpt_step, state = restore_checkpoint(exp, workdir, step)
+    exp, ckpt_step, state = load_run(config, workdir, step)   # a checkpoint, or model.init_from
     s = config.sample
     say(f"sampling {s.num_samples} images with {s.sampler!r} ({s.num_steps} steps) from "
          f"checkpoint step {ckpt_step} ({'EMA' if s.use_ema and config.ema.decays else 'raw'}"

@@ -151,11 +151,15 @@ _DENOISING_KW = {
     "reduce": _REDUCE,
     "input_perturbation": Field(float, 0.0, check=_non_negative,
                                 doc="DDPM-IP's gamma: x_t = alpha x0 + sigma (eps + gamma xi)"),
+    "logit_mean": Field(float, 0.0, doc="time_sampling='logit_normal': SD3's m, t = sigmoid(m + s n)"),
+    "logit_std": Field(float, 1.0, check=_positive, doc="time_sampling='logit_normal': SD3's s"),
+    "mode_scale": Field(float, 1.29, doc="time_sampling='mode': SD3's scale, in [-1, 2/(pi - 2)]"),
 }
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "eps": ObjectiveSpec("epsilon_loss", "eps", _DENOISING_KW),
     "x0": ObjectiveSpec("x0_loss", "x0", _DENOISING_KW),
     "v": ObjectiveSpec("v_loss", "v", _DENOISING_KW),
+    "flow": ObjectiveSpec("flow_matching_loss", "flow", _DENOISING_KW),   # velocity alpha' x0 + sigma' eps
     "dsm": ObjectiveSpec("score_matching_loss", "score", {
         "weighting": Field(str, "sigma2"),
         "importance_sampling": Field(bool, False),
@@ -186,7 +190,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
 
 
 def objective_prediction(objective_cfg) -> str:
-    """What the network predicts under this objective ('eps', 'x0', 'v', 'score' or 'edm')."""
+    """What the network predicts under this objective ('eps', 'x0', 'v', 'score', 'edm' or 'flow')."""
     spec = OBJECTIVES[objective_cfg.name]
     if objective_cfg.name == "dsm":
         return objective_cfg.kwargs.get("prediction", "score")

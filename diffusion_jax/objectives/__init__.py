@@ -5,10 +5,11 @@ A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is ins
 `loss_fn.init_state()` gives the initial one.
 
     where               what
-    denoising.py        eps / x0 / v prediction losses, denoising score matching (sigma^2 or
+    denoising.py        eps / x0 / v / flow-velocity prediction losses, denoising score matching (sigma^2 or
                         likelihood weighting, importance sampling), Min-SNR-gamma weighting
     edm.py              EDM preconditioning, its loss and its eps_fn adapter
-    time_sampling.py    uniform / stratified / likelihood-importance / log-normal / discrete t, and
+    time_sampling.py    uniform / stratified / likelihood-importance / log-normal / SD3's logit-normal
+                        and mode / discrete t, and
                         improved DDPM's loss-aware sampler
     hybrid.py           improved DDPM's hybrid loss L_simple + lambda L_vb with a learned variance
                         ([eps, v] outputs), optionally loss-aware t (a stateful loss) and DDPM-IP
@@ -16,7 +17,7 @@ A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is ins
     vdm.py              the VDM ELBO with a learnable schedule
 """
 from diffusion_jax.objectives.denoising import (
-    denoising_loss, epsilon_loss, score_matching_loss, split_batch, v_loss, x0_loss,
+    denoising_loss, epsilon_loss, flow_matching_loss, score_matching_loss, split_batch, v_loss, x0_loss,
 )
 from diffusion_jax.objectives.edm import (
     EDMScalings, edm_eps_fn, edm_loss, edm_loss_weight, edm_precondition, edm_scalings, edm_target,
@@ -27,8 +28,8 @@ from diffusion_jax.objectives.hybrid import (
     split_learned_variance, vb_schedule, vb_timesteps,
 )
 from diffusion_jax.objectives.time_sampling import (
-    TIME_SAMPLINGS, LossHistory, TimeSample, bucket_time, edm_sigma_sample, history_probs,
-    init_loss_history, likelihood_importance_density, likelihood_importance_time, lognormal_time,
+    MODE_SCALE_RANGE, TIME_SAMPLINGS, LossHistory, TimeSample, bucket_time, check_time_options, edm_sigma_sample,
+    history_probs, init_loss_history, logit_normal_time, mode_map, mode_time, likelihood_importance_density, likelihood_importance_time, lognormal_time,
     sample_from_history, sample_time, stratified_time, time_bucket, time_from_index, uniform_time,
     update_history,
 )
@@ -38,7 +39,8 @@ from diffusion_jax.objectives.weighting import (
 )
 
 __all__ = [
-    "denoising_loss", "epsilon_loss", "x0_loss", "v_loss", "score_matching_loss", "split_batch",
+    "denoising_loss", "epsilon_loss", "flow_matching_loss", "logit_normal_time", "mode_time", "mode_map",
+    "check_time_options", "MODE_SCALE_RANGE", "x0_loss", "v_loss", "score_matching_loss", "split_batch",
     "EDMScalings", "edm_scalings", "edm_loss_weight", "edm_target", "edm_precondition", "edm_eps_fn",
     "edm_loss", "TIME_SAMPLINGS", "TimeSample", "sample_time", "uniform_time", "stratified_time",
     "likelihood_importance_time", "likelihood_importance_density", "lognormal_time", "edm_sigma_sample",

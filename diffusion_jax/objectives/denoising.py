@@ -17,6 +17,8 @@ w_is the time sampler's importance weight (1 unless time_sampling='importance') 
     x0     x0
     v      alpha eps - sigma x0        (Salimans & Ho 2022)
     score  grad log q(x_t|x0) = -eps / sigma      (denoising score matching, Vincent 2011)
+    flow   alpha' x0 + sigma' eps     (conditional flow matching, Lipman et al. 2023; eps - x0 on the
+                                       linear path of `processes.Flow`: rectified flow, SD3)
 
 `aux` holds scalars: 'loss', 'mse' (unweighted squared error of the prediction), 'eps_mse' (the same
 in eps space) and 'weight' (mean of w_is lambda); with return_per_example=True also
@@ -38,10 +40,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.objectives.time_sampling import (TIME_SAMPLINGS, TimeSample, check_option, is_discrete,
-                                                    sample_time)
+from diffusion_jax.objectives.time_sampling import (TIME_SAMPLINGS, TimeSample, check_option,
+                                                    check_time_options, is_discrete, sample_time)
 from diffusion_jax.objectives.weighting import PREDICTIONS, WEIGHTINGS, loss_weight
 from diffusion_jax.processes.base import Process, as_time, bcast
+from diffusion_jax.processes.predictions import flow_rates
 
 ApplyFn = Callable[..., Any]
 LossFn = Callable[[Any, Mapping, Any], tuple[jax.Array, dict]]
@@ -74,12 +77,12 @@ def _network(apply_fn, params, x, t, cond, train, rng):
     return out.astype(jnp.float32)
 
 
-def _batch_time(process, batch, key, n, time_sampling, discrete) -> TimeSample:
+def _batch_time(process, batch, key, n, time_sampling, discrete, time_options=None) -> TimeSample:
     if "t" in batch:
         t = jnp.broadcast_to(as_time(batch["t"]), (n,))
         w = jnp.broadcast_to(as_time(batch.get("t_weight", 1.0)), (n,))
         return TimeSample(t, w)
-    return sample_time(process, key, n, time_sampling, discrete=discrete)
+    return sample_time(process, key, n, time_sampling, discrete=discrete, **(time_options or {}))
 
 
 def check_input_perturbation(gamma) -> float:
@@ -107,12 +110,14 @@ def noisy_input(process: Process, x0, t, key, input_perturbation: float = 0.0):
 def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "eps", weighting: str = "none",
                    min_snr_gamma: float = 5.0, time_sampling: str = "uniform", discrete: bool | None = None,
                    reduce: str = "mean", train: bool = True, return_per_example: bool = False,
-                   input_perturbation: float = 0.0) -> LossFn:
+                   input_perturbation: float = 0.0, logit_mean: float = 0.0, logit_std: float = 1.0,
+                   mode_scale: float = 1.29) -> LossFn:
     """The general factory: L = E_t E_{x0, eps}[w_is lambda(t) ||pred(x_t, t) - target||^2].
 
-    prediction: 'eps' | 'x0' | 'v' | 'score' (what apply_fn outputs; also the regression target).
+    prediction: 'eps' | 'x0' | 'v' | 'score' | 'flow' (what apply_fn outputs; also the regression target).
     weighting: lambda(t), see `weighting.WEIGHTINGS[prediction]`.
-    time_sampling: 'uniform' | 'stratified' | 'importance' | 'lognormal' (`time_sampling`).
+    time_sampling: 'uniform' | 'stratified' | 'importance' | 'lognormal' | 'logit_normal' | 'mode'
+    (`time_sampling`; logit_mean, logit_std and mode_scale are SD3's m, s and mode scale).
     discrete: integer DDPM timesteps (default: iff the process is a DiscreteDDPM).
     train: passed to apply_fn (dropout on, with the loss rng's dropout key).
     input_perturbation: DDPM-IP's gamma, x_t = alpha x0 + sigma (eps + gamma xi), target unchanged.
@@ -123,11 +128,13 @@ def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "ep
     check_option("time sampling", time_sampling, TIME_SAMPLINGS)
     check_option("reduce", reduce, REDUCTIONS)
     discrete = is_discrete(process, discrete)
+    time_options = check_time_options(time_sampling, logit_mean=logit_mean, logit_std=logit_std,
+                                      mode_scale=mode_scale)
 
     def loss_fn(params, batch, rng):
         x0, cond = split_batch(batch)
         k_t, k_eps, k_drop = jax.random.split(rng, 3)
-        ts = _batch_time(process, batch, k_t, x0.shape[0], time_sampling, discrete)
+        ts = _batch_time(process, batch, k_t, x0.shape[0], time_sampling, discrete, time_options)
         t = ts.t
         xt, eps = noisy_input(process, x0, t, k_eps, gamma)
         a, s = bcast(process.alpha(t), x0), bcast(process.sigma(t), x0)
@@ -138,6 +145,9 @@ def denoising_loss(process: Process, apply_fn: ApplyFn, *, prediction: str = "ep
             target, eps_hat = x0, (xt - a * out) / s
         elif prediction == "v":
             target, eps_hat = a * eps - s * x0, (s * xt + a * out) / (a * a + s * s)
+        elif prediction == "flow":
+            _, _, da, ds, det = flow_rates(process, t, x0)
+            target, eps_hat = da * x0 + ds * eps, (a * out - da * xt) / det
         else:
             target, eps_hat = -eps / s, -s * out
         mse = reduce_per_example((out - target) ** 2, reduce)
@@ -181,6 +191,18 @@ def v_loss(process: Process, apply_fn: ApplyFn, *, weighting: str = "none", min_
     ||v - v_hat||^2 = (alpha^2 + sigma^2)^2/alpha^2 ||eps - eps_hat||^2 ((SNR+1)/SNR for VP).
     weighting 'none' | 'min_snr' (VP: min(SNR, gamma)/(SNR + 1))."""
     return denoising_loss(process, apply_fn, prediction="v", weighting=weighting, min_snr_gamma=min_snr_gamma,
+                          time_sampling=time_sampling, **options)
+
+
+def flow_matching_loss(process: Process, apply_fn: ApplyFn, *, weighting: str = "none",
+                       min_snr_gamma: float = 5.0, time_sampling: str = "uniform", **options) -> LossFn:
+    """Conditional flow matching E lambda ||u - u_hat(x_t, t)||^2 with the velocity target
+    u = alpha' x0 + sigma' eps (Lipman et al. 2023); on `Flow(path='linear')` u = eps - x0, rectified
+    flow (Liu et al. 2023). Per example ||u - u_hat||^2 = (D/alpha)^2 ||eps - eps_hat||^2
+    (D = alpha sigma' - sigma alpha'; 1/(1 - t)^2 on the linear path). SD3 (Esser et al. 2024) is
+    time_sampling='logit_normal' (logit_mean=0, logit_std=1) or 'mode' (mode_scale=1.29).
+    weighting 'none' | 'min_snr'. The network's output is the velocity: `as_eps_fn(fn, 'flow', process)`."""
+    return denoising_loss(process, apply_fn, prediction="flow", weighting=weighting, min_snr_gamma=min_snr_gamma,
                           time_sampling=time_sampling, **options)
 
 

@@ -15,10 +15,15 @@ and the integer DDPM timestep on a discrete process (else None).
               weight = Z / ((t_max - t_min) g^2/sigma^2),  Z = lambda(t_min) - lambda(t_max)
   lognormal   EDM's ln(sigma) ~ N(P_mean, P_std^2) with sigma = sigma/alpha (edm_sigma), mapped to
               t = t_from_edm_sigma(sigma) and clipped to [t_min, t_max]               weight 1
+  logit_normal  SD3's u = sigmoid(m + s n), n ~ N(0, 1) (Esser et al. 2024; m = logit_mean,
+              s = logit_std), t = t_min + (t_max - t_min) u                           weight 1
+  mode        SD3's mode sampling u = 1 - v - c (cos^2(pi v/2) - 1 + v), v ~ U[0, 1], c = mode_scale
+              in [-1, 2/(pi - 2)] (monotone; c = 0 is uniform), t = t_min + (t_max - t_min) u  weight 1
 
 On a discrete process (`DiscreteDDPM`) every sampler draws integer timesteps n with t = (n+1)/T:
 uniform n, stratified n_i = floor(K mod(u + i/B, 1)), importance p(n) proportional to g^2/sigma^2
-at t_n, and lognormal rounded to the nearest timestep.
+at t_n, lognormal rounded to the nearest timestep, and logit_normal / mode n = round(n_min + u
+(n_max - n_min)).
 
 The loss-aware sampler of improved DDPM (Nichol & Dhariwal 2021, `LossSecondMomentResampler`) keeps,
 per time bucket, the last `history_per_bucket` losses and samples buckets with probability
@@ -44,7 +49,8 @@ from diffusion_jax.processes.vp import DiscreteDDPM
 
 Array = jax.Array
 
-TIME_SAMPLINGS = ("uniform", "stratified", "importance", "lognormal")
+TIME_SAMPLINGS = ("uniform", "stratified", "importance", "lognormal", "logit_normal", "mode")
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 class TimeSample(NamedTuple):
@@ -164,10 +170,75 @@ def lognormal_time(process: Process, key, batch: int, *, p_mean: float = -1.2, p
     return TimeSample(t, jnp.ones_like(t))
 
 
+def _from_unit_or_index(process: Process, u, discrete) -> TimeSample:
+    """t = t_min + (t_max - t_min) u, or the timestep n = round(n_min + u (n_max - n_min))."""
+    if is_discrete(process, discrete):
+        lo, hi = discrete_range(process)
+        return _discrete(process, jnp.clip(jnp.round(lo + u * (hi - lo)), lo, hi))
+    return TimeSample(_from_unit(process, u), jnp.ones_like(u))
+
+
+def check_time_options(method: str, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                       mode_scale: float = 1.29) -> dict:
+    """Validates the options of time sampler `method`; returns those it takes, as floats."""
+    check_option("time sampling", method, TIME_SAMPLINGS)
+    def num(name, v):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a float, got {v!r}") from None
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v!r}")
+        return v
+    if method == "logit_normal":
+        m, s = num("logit_mean", logit_mean), num("logit_std", logit_std)
+        if not s > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std!r}")
+        return {"logit_mean": m, "logit_std": s}
+    if method == "mode":
+        c = num("mode_scale", mode_scale)
+        lo, hi = MODE_SCALE_RANGE
+        if not lo <= c <= hi:
+            raise ValueError(f"mode_scale must lie in [{lo:g}, {hi:.4g}] (outside, SD3's mode map is not "
+                             f"monotone), got {mode_scale!r}")
+        return {"mode_scale": c}
+    return {}
+
+
+def logit_normal_time(process: Process, key, batch: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                      discrete: bool | None = None) -> TimeSample:
+    """SD3's logit-normal times: u = sigmoid(m + s n), n ~ N(0, 1), t = t_min + (t_max - t_min) u
+    (density p(u) = exp(-(logit u - m)^2/(2 s^2)) / (s sqrt(2 pi) u (1 - u))); weight 1."""
+    check_time_options("logit_normal", logit_mean=logit_mean, logit_std=logit_std)
+    n = jax.random.normal(key, (batch,), as_time(0.0).dtype)
+    return _from_unit_or_index(process, jax.nn.sigmoid(logit_mean + logit_std * n), discrete)
+
+
+def mode_map(v, mode_scale: float = 1.29):
+    """SD3's f_mode(v) = 1 - v - c (cos^2(pi v/2) - 1 + v), decreasing from 1 to 0 for c in MODE_SCALE_RANGE."""
+    v = as_time(v)
+    return 1.0 - v - mode_scale * (jnp.cos(0.5 * math.pi * v) ** 2 - 1.0 + v)
+
+
+def mode_time(process: Process, key, batch: int, *, mode_scale: float = 1.29,
+              discrete: bool | None = None) -> TimeSample:
+    """SD3's mode sampling: u = mode_map(v), v ~ U[0, 1], t = t_min + (t_max - t_min) u; weight 1.
+    c > 0 concentrates t at the middle of the range, c < 0 at its ends."""
+    check_time_options("mode", mode_scale=mode_scale)
+    v = jax.random.uniform(key, (batch,), as_time(0.0).dtype)
+    return _from_unit_or_index(process, jnp.clip(mode_map(v, mode_scale), 0.0, 1.0), discrete)
+
+
 def sample_time(process: Process, key, batch: int, method: str = "uniform", *,
-                discrete: bool | None = None, p_mean: float = -1.2, p_std: float = 1.2) -> TimeSample:
+                discrete: bool | None = None, p_mean: float = -1.2, p_std: float = 1.2,
+                logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> TimeSample:
     """Dispatches to the sampler named `method` (one of TIME_SAMPLINGS)."""
     check_option("time sampling", method, TIME_SAMPLINGS)
+    if method == "logit_normal":
+        return logit_normal_time(process, key, batch, logit_mean=logit_mean, logit_std=logit_std,
+                                 discrete=discrete)
+    if method == "mode":
+        return mode_time(process, key, batch, mode_scale=mode_scale, discrete=discrete)
     if method == "uniform":
         return uniform_time(process, key, batch, discrete=discrete)
     if method == "stratified":

@@ -6,6 +6,8 @@ the four parameterisations are fixed multiples of the eps error (per example, sa
     ||x0 - x0_hat||^2       = (sigma^2/alpha^2) ||eps - eps_hat||^2  = ||eps - eps_hat||^2 / SNR
     ||v - v_hat||^2         = ((alpha^2 + sigma^2)^2 / alpha^2) ||eps - eps_hat||^2
     ||score - score_hat||^2 = ||eps - eps_hat||^2 / sigma^2
+    ||u - u_hat||^2         = (D^2 / alpha^2) ||eps - eps_hat||^2,  D = alpha sigma' - sigma alpha'
+                              (flow velocity u = alpha' x0 + sigma' eps; 1/(1 - t)^2 on the linear path)
 
 (`eps_factor`). Weightings, by parameterisation:
 
@@ -15,7 +17,7 @@ the four parameterisations are fixed multiples of the eps error (per example, sa
                   eps  min(SNR, gamma)/SNR,   x0  min(SNR, gamma),
                   v    min(SNR, gamma)/SNR * alpha^2/(alpha^2 + sigma^2)^2
                        (= min(SNR, gamma)/(SNR + 1) for variance-preserving processes, the paper's form),
-                  score min(SNR, gamma)/SNR * sigma^2
+                  score min(SNR, gamma)/SNR * sigma^2,   flow min(SNR, gamma)/SNR * alpha^2/D^2
   'sigma2'      sigma^2     (score; score_sde's default, equals the unweighted eps loss)
   'likelihood'  g(t)^2      (score; Song et al. 2021, the ELBO weighting)
 """
@@ -24,14 +26,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from diffusion_jax.processes.base import Process, as_time
+from diffusion_jax.processes.predictions import flow_rates
 from diffusion_jax.objectives.time_sampling import check_option
 
-PREDICTIONS = ("eps", "x0", "v", "score")
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
 WEIGHTINGS = {
     "eps": ("none", "min_snr"),
     "x0": ("none", "snr", "min_snr"),
     "v": ("none", "min_snr"),
     "score": ("sigma2", "likelihood", "none", "min_snr"),
+    "flow": ("none", "min_snr"),
 }
 
 
@@ -51,6 +55,9 @@ def eps_factor(process: Process, t, prediction: str):
     a2, s2 = process.alpha(t) ** 2, process.sigma(t) ** 2
     if prediction == "v":
         return (a2 + s2) ** 2 / a2
+    if prediction == "flow":
+        a, _, _, _, det = flow_rates(process, t, t)
+        return (det / a) ** 2
     return 1.0 / s2
 
 

@@ -1,14 +1,20 @@
 """Forward processes behind one marginal interface: alpha(t), sigma(t), log_snr(t) and its inverse,
 f(t), g(t), prior sampling and log-density, and the time range [t_min, t_max]."""
 from diffusion_jax.processes.base import Process, as_time, bcast, schedule_dtype
+from diffusion_jax.processes.flow import FLOW_PATHS, Flow
 from diffusion_jax.processes.predictions import (
     as_eps_fn,
     eps_from_score,
     eps_from_v,
+    eps_from_flow,
     eps_from_x0,
+    flow_from_eps,
+    flow_from_x0,
+    flow_rates,
     score_from_eps,
     v_from_eps,
     x0_from_eps,
+    x0_from_flow,
     x0_fn,
 )
 from diffusion_jax.processes.ve import EDM, VE
@@ -21,11 +27,13 @@ PROCESSES = {
     "ddpm": DiscreteDDPM,
     "ve": VE,
     "edm": EDM,
+    "flow": Flow,
 }
 
 
 def get_process(name: str, **kwargs) -> Process:
-    """Builds a process by name: 'vp', 'subvp', 'cosine', 'ddpm' (discrete DDPM, T = 1000), 've', 'edm'."""
+    """Builds a process by name: 'vp', 'subvp', 'cosine', 'ddpm' (discrete DDPM, T = 1000), 've', 'edm',
+    'flow' (flow matching: path='linear' (rectified flow) or 'cosine')."""
     if name not in PROCESSES:
         raise ValueError(f"unknown process {name!r}; known processes: {sorted(PROCESSES)}")
     try:
@@ -35,7 +43,8 @@ def get_process(name: str, **kwargs) -> Process:
 
 
 __all__ = [
-    "Process", "VPLinear", "SubVP", "Cosine", "DiscreteDDPM", "VE", "EDM", "PROCESSES", "get_process",
+    "Process", "Flow", "FLOW_PATHS", "VPLinear", "SubVP", "Cosine", "DiscreteDDPM", "VE", "EDM", "PROCESSES", "get_process",
     "ddpm_betas", "as_time", "bcast", "schedule_dtype", "as_eps_fn", "eps_from_score", "eps_from_v",
     "eps_from_x0", "score_from_eps", "v_from_eps", "x0_from_eps", "x0_fn",
+    "flow_rates", "flow_from_eps", "eps_from_flow", "flow_from_x0", "x0_from_flow",
 ]

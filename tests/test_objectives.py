@@ -88,6 +88,8 @@ def exact_net(process, kind, direction=None):
             out = pred.v_from_eps(process, x, t, eps)
         elif kind == "score":
             out = M.score(GM, x, process, t)
+        elif kind == "flow":
+            out = pred.flow_from_eps(process, x, t, eps)
         else:
             raise AssertionError(kind)
         if direction is not None:
@@ -155,6 +157,7 @@ CASES = {
     "x0_min_snr": (O.x0_loss, {"weighting": "min_snr"}, "x0", lambda a, s, g2: _min_snr(a, s)),
     "v": (O.v_loss, {}, "v", lambda a, s, g2: (a ** 2 + s ** 2) ** 2 / a ** 2),
     "v_min_snr": (O.v_loss, {"weighting": "min_snr"}, "v", lambda a, s, g2: _min_snr(a, s)),
+    "flow": (O.flow_matching_loss, {}, "flow", lambda a, s, g2: (0.5 * g2 / s) ** 2),   # (D/alpha)^2
     "score_sigma2": (O.score_matching_loss, {}, "score", ONE),
     "score_likelihood": (O.score_matching_loss, {"weighting": "likelihood"}, "score", lambda a, s, g2: g2 / s ** 2),
     "score_likelihood_is": (O.score_matching_loss, {"weighting": "likelihood", "importance_sampling": True},
@@ -167,6 +170,7 @@ MIN_CASES = {
     "cosine": ["eps", "v", "score_likelihood_is"],
     "edm": ["eps", "x0_min_snr", "v_min_snr", "score_likelihood_is"],
     "ddpm": ["eps", "eps_stratified", "x0_snr", "v_min_snr", "score_likelihood_is"],
+    "flow": ["eps", "v", "flow", "score_likelihood_is"],
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 from diffusion_jax import objectives as O
 from diffusion_jax import processes as P
 from diffusion_jax import config as cv
+from diffusion_jax.likelihood import pf_ode_log_likelihood
 from diffusion_jax.objectives.denoising import noisy_input
 from diffusion_jax.processes.base import Process
 from diffusion_jax.reference import mixtures as M
@@ -152,6 +153,26 @@ def test_samplers_converge_to_exact_flow_map_with_their_order():
         ratio = errs[name, 16] / errs[name, 32]
         assert 2 ** order * 0.8 < ratio < 2 ** order * 1.3, (name, ratio, errs)
         assert errs[name, 32] < 3e-2, (name, errs)
+
+
+def test_pf_ode_likelihood_on_the_linear_path():
+    """log p_{t_min}(x) by the probability-flow ODE in t (straight-path velocity, exact divergence) with
+    the exact p_{t_max} equals the ring mixture's closed form (measured max error 1.2e-4 nats/dim); the
+    default prior N(0, t_max^2 I) moves it by 1e-5 nats/dim on average."""
+    gm, proc = M.ring_mixture(), LINEAR
+
+    @jax.jit
+    def run(key):
+        x, _ = M.sample(gm, key, 32)
+        out = pf_ode_log_likelihood(M.eps_fn(gm, proc), proc, x, divergence="exact", time_variable="t",
+                                    prior_logp=lambda z: M.log_prob(gm, z, proc, proc.t_max))
+        return out, M.log_prob(gm, x, proc, proc.t_min), proc.prior_logp(out.z)
+
+    out, ref, prior_default = run(jax.random.PRNGKey(3))
+    ref = np.asarray(ref, np.float64)
+    assert np.abs(np.asarray(out.logp, np.float64) - ref).max() / gm.dim < 5e-4
+    err_default = (np.asarray(prior_default, np.float64) + np.asarray(out.delta_logp, np.float64) - ref) / gm.dim
+    assert np.abs(err_default).max() < 1e-3 and abs(err_default.mean()) < 1e-4
 
 
 # --- time sampling --------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _unit(proc, t):
 def test_logit_normal_and_mode_time_samplers():
     """logit(u) of SD3's logit-normal times has mean m and std s; mode times have the quantiles
     P(u <= f_mode(v)) = 1 - v (f_mode decreasing); both thread through the loss' time draw."""
-    proc, n = LINEAR, 40000
+    proc, n = LINEAR, 20000
     ts = O.logit_normal_time(proc, jax.random.PRNGKey(0), n, logit_mean=0.5, logit_std=0.7)
     z = np.log(_unit(proc, ts.t)) - np.log1p(-_unit(proc, ts.t))
     assert abs(z.mean() - 0.5) < Z_TOL * 0.7 / math.sqrt(n)
@@ -231,7 +231,7 @@ def test_flow_loss_at_exact_velocity():
     """At a fixed t: the loss of the exact velocity (+ theta) equals m_u(t) within standard errors, its
     gradient in theta is zero within standard errors (and 2 theta D-mean off it), and every example's
     velocity error is (D/alpha)^2 = 1/(1 - t)^2 times its eps error."""
-    proc, n = LINEAR, 8192
+    proc, n = LINEAR, 4096
     x0 = M.sample(GD, jax.random.PRNGKey(0), n)[0]
 
     def net(theta, x, t, cond=None, train=False, rng=None):

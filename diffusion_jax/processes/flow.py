@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax.numpy as jnp
 
@@ -42,7 +43,7 @@ class Flow(Process):
             raise ValueError(f"path: unknown flow path {self.path!r}; expected one of {FLOW_PATHS}")
         for field in ("t_min", "t_max"):
             v = getattr(self, field)
-            if not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < float(v) < 1.0:
                 raise ValueError(f"{field} of a flow process must lie in (0, 1) (alpha = 0 at t = 1, "
                                  f"sigma = 0 at t = 0), got {v!r}")
         if not self.t_min < self.t_max:

@@ -6,7 +6,8 @@ import sys
 if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # not 'tests.': torch-fidelity
+                                                                 # installs a top-level 'tests'
 
 import math  # noqa: E402
 
@@ -18,7 +19,7 @@ import pytest  # noqa: E402
 from diffusion_jax import autoencoders as A  # noqa: E402
 from diffusion_jax.autoencoders import diagnostics as D  # noqa: E402
 from diffusion_jax.processes import get_process  # noqa: E402
-from tests.test_autoencoders import FAST, PROCESS, X, random_variables, tiny  # noqa: E402
+from test_autoencoders import FAST, PROCESS, X, random_variables, tiny  # noqa: E402
 
 COSINE = get_process("cosine")
 

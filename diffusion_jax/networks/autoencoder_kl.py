@@ -99,8 +99,8 @@ class _Mid(nn.Module):
         return VAEResBlock(c, self.groups, name="res_1", **kw)(x)
 
 
-class VAEEncoder(nn.Module):
-    """x (B, H, W, C_in) -> (B, H / 2^(L-1), W / 2^(L-1), out_ch), L = len(block_out_channels)."""
+class _VAEStack(nn.Module):
+    """The fields the encoder and the decoder share."""
     out_ch: int
     block_out_channels: Sequence[int] = (128, 256, 512, 512)
     layers_per_block: int = 2
@@ -108,6 +108,10 @@ class VAEEncoder(nn.Module):
     mid_attention: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+
+class VAEEncoder(_VAEStack):
+    """x (B, H, W, C_in) -> (B, H / 2^(L-1), W / 2^(L-1), out_ch), L = len(block_out_channels)."""
 
     @nn.compact
     def __call__(self, x):
@@ -126,15 +130,8 @@ class VAEEncoder(nn.Module):
         return conv(self.out_ch, 3, name="conv_out", **kw)(h)
 
 
-class VAEDecoder(nn.Module):
+class VAEDecoder(_VAEStack):
     """z (B, h, w, C_z) -> (B, h 2^(L-1), w 2^(L-1), out_ch)."""
-    out_ch: int
-    block_out_channels: Sequence[int] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    mid_attention: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z):

@@ -290,3 +290,16 @@ def test_validate_fills_missing_fields_with_defaults():
     assert c.optim.learning_rate == cv.SCHEMA["optim"]["learning_rate"].default
     assert c.model.num_res_blocks == cv.UNET_FIELDS["num_res_blocks"].default
     assert c.data.image_size is None and c.is_locked
+
+
+def test_ddae_probe_of_the_published_ddpm_network():
+    """configs/ddae_cifar10.py:diffusers probes the converted google/ddpm-cifar10-32 at DDAE's
+    noise level (DDPM step n = 11 of 1000 is t = (n + 1) / T = 0.012) and middle decoder blocks,
+    with Ho et al.'s process; an unknown variant is named."""
+    c = load("ddae_cifar10.py:diffusers")
+    assert c.model.init_from == "diffusers:ddpm-cifar10-32" and c.process.name == "ddpm"
+    assert 0.012 in c.readout.timesteps and c.readout.pool == "gap"
+    assert {"up_1_0", "up_2_0"} <= set(c.readout.blocks)
+    assert not load("ddae_cifar10.py").model.init_from           # the trained-here variant
+    with pytest.raises(Exception, match="unknown variant"):
+        load("ddae_cifar10.py:nope")

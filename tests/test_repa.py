@@ -21,7 +21,8 @@ X = np.tanh(np.random.RandomState(0).standard_normal((4, 8, 8, 3))).astype(np.fl
 
 
 def _params():
-    return NET.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
+    # jitted: an eager init dispatches every initialiser op by op (~45 s on a busy 2-core CPU)
+    return jax.jit(NET.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
 
 
 def test_similarity_closed_forms():
@@ -48,13 +49,14 @@ def test_repa_loss_is_the_base_loss_plus_the_alignment_term():
     key = jax.random.PRNGKey(3)
     loss_fn = repa_loss(P, NET, target, base_factory=objectives.v_loss, weight=0.5)
     loss, aux = jax.jit(loss_fn)(params, {"x": X}, key)
-    base, _ = objectives.v_loss(P, make_apply_fn(NET))(params, {"x": X}, key)
+    base, _ = jax.jit(objectives.v_loss(P, make_apply_fn(NET)))(params, {"x": X}, key)
     np.testing.assert_allclose(aux["diffusion_loss"], base, rtol=1e-6)
     np.testing.assert_allclose(loss, base + 0.5 * (1.0 - aux["repa_cos"]), rtol=1e-6)
     assert -1.0 <= float(aux["repa_cos"]) <= 1.0
     # the alignment term trains the projector and the blocks up to the aligned one, nothing after it
     only = repa_loss(P, NET, target, base_factory=objectives.v_loss, weight=1.0)
-    g = jax.grad(lambda p: only(p, {"x": X}, key)[0] - objectives.v_loss(P, make_apply_fn(NET))(p, {"x": X}, key)[0])(params)
+    g = jax.jit(jax.grad(lambda p: only(p, {"x": X}, key)[0]
+                         - objectives.v_loss(P, make_apply_fn(NET))(p, {"x": X}, key)[0]))(params)
     norm = lambda t: float(sum(jnp.sum(jnp.abs(v)) for v in jax.tree_util.tree_leaves(t)))
     assert norm(g["repa_proj2"]) > 0 and norm(g["down_0_0_res"]) > 0 and norm(g["down_1_0_res"]) > 0
     assert norm(g["up_0_0_res"]) == 0.0 and norm(g["conv_out"]) == 0.0 and norm(g["mid_res0"]) == 0.0

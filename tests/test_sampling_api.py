@@ -22,7 +22,7 @@ def test_every_sampler_runs_is_reproducible_and_counts_nfe(name):
     assert a.x.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a.x)))
     if name != "adaptive":
         spec = SAMPLERS[name]
-        expected = {"heun": 12, "pc": 12}.get(name, 6)
+        expected = {"heun": 12, "midpoint": 12, "pc": 12}.get(name, 6)
         assert int(a.nfe) == expected, (name, a.nfe)
         assert spec.nfe_per_step * 6 == expected
     else:

@@ -13,6 +13,13 @@ dx = f x dt + g dw, whose probability-flow ODE drift f x + g^2/(2 sigma) eps_hat
 velocity u = alpha' x_0 + sigma' eps (`predictions.flow_from_eps`; eps - x_0 on the linear path).
 alpha vanishes at t = 1, so the range stops at t_max < 1 and the prior is N(0, sigma(t_max)^2 I)
 (as the VE family: `variance_preserving = False`).
+
+Time convention. Here (as in the diffusion literature and the SD3 paper) data sit at t = 0 and noise at
+t = 1. Common PyTorch flow-matching code (facebookresearch/flow_matching, torchcfm, Lipman et al.'s and
+Liu et al.'s notation) runs the other way: x_s = s x1 + (1 - s) x0 with noise x0 at s = 0 and data x1 at
+s = 1, so s = 1 - t, and its target velocity x1 - x0 = -(eps - x0) is minus ours:
+u_torch(x, s) = -u(x, 1 - s); samplers there integrate s from 0 up to 1, ours t from t_max down to t_min.
+A network trained there is used here as `lambda x, t, c: -net(x, 1 - t, c)` with prediction 'flow'.
 """
 from __future__ import annotations
 

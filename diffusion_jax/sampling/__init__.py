@@ -11,7 +11,7 @@ prior, builds the grid, runs the jitted sampler and checks its output.
     ancestral.py           DDPM ancestral sampling
     ddim.py                DDIM with eta, deterministic DDIM inversion
     sde.py                 Euler-Maruyama on the reverse SDE, predictor-corrector (Langevin corrector)
-    ode.py                 probability-flow ODE: Euler, Heun (EDM, with churn), adaptive (diffrax)
+    ode.py                 probability-flow ODE: Euler, midpoint, Heun (EDM, with churn), adaptive (diffrax)
     dpm_solver.py          DPM-Solver++ 2M / 3M (multistep, data prediction) and 2M-SDE
     unipc.py               UniPC (bh2)
     guidance.py            classifier-free and classifier guidance wrappers
@@ -37,7 +37,7 @@ from diffusion_jax.sampling.dpm_solver import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m
 from diffusion_jax.sampling.grids import SPACINGS, check_grid, time_grid
 from diffusion_jax.sampling.optimized_grid import GridFit, optimize_time_grid
 from diffusion_jax.sampling.guidance import classifier_free_guidance, classifier_guidance
-from diffusion_jax.sampling.ode import adaptive, euler, heun
+from diffusion_jax.sampling.ode import adaptive, euler, heun, midpoint
 from diffusion_jax.sampling.sde import euler_maruyama, predictor_corrector
 from diffusion_jax.sampling.unipc import unipc
 
@@ -56,6 +56,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler_maruyama": SamplerSpec(euler_maruyama, True, 1, "uniform", False),
     "pc": SamplerSpec(predictor_corrector, True, 2, "uniform", False),
     "euler": SamplerSpec(euler, False, 1, "uniform", True),
+    "midpoint": SamplerSpec(midpoint, False, 2, "uniform", True),
     "heun": SamplerSpec(heun, False, 2, "karras", True),
     "adaptive": SamplerSpec(adaptive, False, 0, "uniform", True),
     "dpmpp_2m": SamplerSpec(dpmpp_2m, False, 1, "logsnr", True),
@@ -157,5 +158,5 @@ def steps_for_nfe(name: str, nfe: int) -> int:
 __all__ = [
     "GridFit", "SAMPLERS", "SPACINGS", "SamplerOutput", "SamplerSpec", "adaptive", "ancestral", "classifier_free_guidance",
     "classifier_guidance", "ddim", "ddim_invert", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "euler", "euler_maruyama",
-    "check_grid", "final_x0", "get_sampler", "heun", "optimize_time_grid", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
+    "check_grid", "final_x0", "get_sampler", "heun", "midpoint", "optimize_time_grid", "predictor_corrector", "sample", "steps_for_nfe", "time_grid", "unipc",
 ]

@@ -15,6 +15,7 @@ A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is ins
                         ([eps, v] outputs), optionally loss-aware t (a stateful loss) and DDPM-IP
     weighting.py        loss weights lambda(t) and the error factors between parameterisations
     vdm.py              the VDM ELBO with a learnable schedule
+    reflow.py           the k-rectified-flow loss on coupled (data, noise) pairs (Liu et al. 2023)
 """
 from diffusion_jax.objectives.denoising import (
     denoising_loss, epsilon_loss, flow_matching_loss, score_matching_loss, split_batch, v_loss, x0_loss,
@@ -33,13 +34,14 @@ from diffusion_jax.objectives.time_sampling import (
     sample_from_history, sample_time, stratified_time, time_bucket, time_from_index, uniform_time,
     update_history,
 )
+from diffusion_jax.objectives.reflow import reflow_loss
 from diffusion_jax.objectives.vdm import elbo_bpd, vdm_elbo_loss
 from diffusion_jax.objectives.weighting import (
     PREDICTIONS, WEIGHTINGS, eps_factor, loss_weight, min_snr_weight, snr,
 )
 
 __all__ = [
-    "denoising_loss", "epsilon_loss", "flow_matching_loss", "logit_normal_time", "mode_time", "mode_map",
+    "reflow_loss", "denoising_loss", "epsilon_loss", "flow_matching_loss", "logit_normal_time", "mode_time", "mode_map",
     "check_time_options", "MODE_SCALE_RANGE", "x0_loss", "v_loss", "score_matching_loss", "split_batch",
     "EDMScalings", "edm_scalings", "edm_loss_weight", "edm_target", "edm_precondition", "edm_eps_fn",
     "edm_loss", "TIME_SAMPLINGS", "TimeSample", "sample_time", "uniform_time", "stratified_time",

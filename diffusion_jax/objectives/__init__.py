@@ -17,6 +17,9 @@ A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is ins
     vdm.py              the VDM ELBO with a learnable schedule
     reflow.py           the k-rectified-flow loss on coupled (data, noise) pairs (Liu et al. 2023)
 """
+from diffusion_jax.objectives.cld import (
+    CLD_OBJECTIVES, CLD_WEIGHTINGS, cld_hsm_loss, cld_scales, cld_score_fn, mixed_score_v, network_output_from_score,
+)
 from diffusion_jax.objectives.denoising import (
     denoising_loss, epsilon_loss, flow_matching_loss, score_matching_loss, split_batch, v_loss, x0_loss,
 )
@@ -41,6 +44,8 @@ from diffusion_jax.objectives.weighting import (
 )
 
 __all__ = [
+    "cld_hsm_loss", "cld_score_fn", "cld_scales", "mixed_score_v", "network_output_from_score", "CLD_OBJECTIVES",
+    "CLD_WEIGHTINGS",
     "reflow_loss", "denoising_loss", "epsilon_loss", "flow_matching_loss", "logit_normal_time", "mode_time", "mode_map",
     "check_time_options", "MODE_SCALE_RANGE", "x0_loss", "v_loss", "score_matching_loss", "split_batch",
     "EDMScalings", "edm_scalings", "edm_loss_weight", "edm_target", "edm_precondition", "edm_eps_fn",

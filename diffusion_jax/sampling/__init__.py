@@ -14,6 +14,7 @@ prior, builds the grid, runs the jitted sampler and checks its output.
     ode.py                 probability-flow ODE: Euler, midpoint, Heun (EDM, with churn), adaptive (diffrax)
     dpm_solver.py          DPM-Solver++ 2M / 3M (multistep, data prediction) and 2M-SDE
     unipc.py               UniPC (bh2)
+    sdedit.py              SDEdit: perturb a guide to t0, solve back with any sampler; the t0 sweep
     reflow.py              rectified flow's reflow: ODE (data, noise) pairs, straightness, one-step sample
     guidance.py            classifier-free and classifier guidance wrappers
     grids.py               time-step spacings

@@ -1,6 +1,6 @@
-"""Shared pieces of the command-line modes: building the experiment (network, process, optimiser,
-mesh, abstract state) from a config, data batches, the sampling denoiser, read-only checkpoint
-access."""
+"""Shared pieces of the command-line modes: the experiment (the model family's assembled model,
+`diffusion_jax.models`, plus optimiser, mesh and abstract state) from a config, data batches,
+read-only checkpoint access."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,9 @@ import os
 from typing import Any
 
 from diffusion_jax import config as cv
+from diffusion_jax.models import Model, autoencoder_choices, family_for, family_name, get_family  # noqa: F401
+from diffusion_jax.models import sampling_params as _sampling_params
+from diffusion_jax.models.pixel import example_cond  # noqa: F401  (re-exported)
 
 
 class CLIError(RuntimeError):
@@ -57,22 +60,17 @@ def say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------- building parts
-@dataclasses.dataclass
-class Experiment:
-    """Everything a mode needs, built from the config (no parameters: those come from the state).
+# The model itself (network, objective, eps function, generation, what a checkpoint holds) is
+# assembled by its family (`diffusion_jax.models`); this module adds the optimiser, the mesh and
+# the abstract train state. The functions below keep their names for the modes and benches.
 
-    module: the network (a UNet / DiT, or a `DiffusionAutoencoder` when config.autoencoder.kind is
-    'diffae' / 'dmz'); apply_fn: the library's network signature (for an autoencoder: its decoder,
-    cond={'z': z}); loss_fn: the objective (a stateful 4-argument loss when stateful);
-    init_model_state_fn: TrainState.model_state's initialiser (None: no state).
-    """
-    config: Any
-    module: Any
-    apply_fn: Any
-    process: Any
-    prediction: str
-    image_shape: tuple
-    num_classes: int | None
+
+@dataclasses.dataclass(kw_only=True)
+class Experiment(Model):
+    """A `models.Model` (module, apply_fn, process, loss_fn, family, ...) plus what training and
+    the modes need: the optimiser (tx, schedule, opt_cfg), the mesh and its logical-axis rules,
+    the train state's init_fn and its abstract (sharded) shape. No parameters: those come from
+    the state. `exp.family` answers everything that depends on the kind of model."""
     mesh: Any
     rules: Any
     tx: Any
@@ -80,134 +78,26 @@ class Experiment:
     opt_cfg: Any
     init_fn: Any
     abstract: Any
-    loss_fn: Any = None
-    stateful: bool = False
-    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def is_autoencoder(self) -> bool:
-        return self.config.autoencoder.kind != "none"
-
-    @property
-    def learned_variance(self) -> bool:
-        return self.config.objective.name == "hybrid"
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def autoencoder_choices(config) -> dict:
-    """The autoencoder's design with the kind's defaults filled in (DiffAE / DMZ papers)."""
-    ae = config.autoencoder
-    diffae = ae.kind == "diffae"
-    m = config.model
-    return {
-        "encoder": ae.encoder or ("semantic" if diffae else "conv"),
-        "latent": ae.latent or ("continuous" if diffae else "binary"),
-        "z_dim": ae.z_dim or (512 if diffae else 16),
-        "z_conditioning": tuple(ae.z_conditioning or (("adagn_scale",) if diffae
-                                                      else ("cross_attn",))),
-        "encoder_ch": ae.encoder_ch or (m.ch if diffae else 32),
-        "encoder_ch_mult": tuple(ae.encoder_ch_mult or m.ch_mult),
-        "encoder_num_res_blocks": ae.encoder_num_res_blocks or m.num_res_blocks,
-        "encoder_attn_resolutions": tuple(ae.encoder_attn_resolutions
-                                          if ae.encoder_attn_resolutions is not None
-                                          else m.attn_resolutions),
-    }
 
 
 def build_network(config, image_shape=None):
-    """The Flax module of `config.model` (+ `config.autoencoder`). A 'hybrid' objective (learned
-    variance) doubles the output channels, which needs `image_shape`."""
-    import jax.numpy as jnp
-    from diffusion_jax.networks import DiT, UNet
-    m = config.model
-    fields = _tuples({k: m[k] for k in cv.MODEL_FIELDS[m.type]})
-    dtype = jnp.bfloat16 if config.train.precision == "bfloat16" else jnp.float32
-    if config.objective.name == "hybrid":
-        if m.type != "unet":
-            raise CLIError("the 'hybrid' objective (learned variance) needs a UNet")
-        if image_shape is None:
-            raise ValueError("build_network: a learned-variance network needs image_shape")
-        fields["out_channels"] = 2 * int(image_shape[-1])
-    if config.autoencoder.kind == "none":
-        cls = UNet if m.type == "unet" else DiT
-        return cls(**fields, dtype=dtype)
-    from diffusion_jax.autoencoders import ENCODERS, DiffusionAutoencoder
-    ch = autoencoder_choices(config)
-    ae = config.autoencoder
-    if ch["encoder"] == "semantic":
-        enc_opts = dict(ch=ch["encoder_ch"], ch_mult=ch["encoder_ch_mult"],
-                        num_res_blocks=ch["encoder_num_res_blocks"],
-                        attn_resolutions=ch["encoder_attn_resolutions"], dropout=m.dropout, pool=ae.pool)
-    else:
-        enc_opts = dict(ch=ch["encoder_ch"], norm=ae.norm)
-    encoder = ENCODERS[ch["encoder"]](latent=ch["latent"], z_dim=ch["z_dim"], tau=ae.tau,
-                                      straight_through=ae.straight_through, dtype=dtype, **enc_opts)
-    decoder = UNet(**fields, z_conditioning=ch["z_conditioning"], dtype=dtype)
-    return DiffusionAutoencoder(encoder=encoder, decoder=decoder)
-
-
-def example_cond(num_classes):
-    import jax.numpy as jnp
-    return None if num_classes is None else {"label": jnp.zeros((1,), jnp.int32)}
+    """The Flax module of the config's model family (`models.family_for(config).build_network`)."""
+    return family_for(config).build_network(image_shape)
 
 
 def _objective(config, process, apply_fn, module, *, train: bool = True):
-    """(loss_fn, stateful, init_model_state(variables) -> model_state or None)."""
-    if config.autoencoder.kind == "none":
-        loss = cv.build_objective(config, process, apply_fn, train=train)
-        stateful = bool(getattr(loss, "stateful", False))
-        init = (lambda variables: loss.init_state()) if stateful else None
-        return loss, stateful, init
-    from diffusion_jax.autoencoders import autoencoder_loss, init_model_state
-    spec = cv.OBJECTIVES[config.objective.name]
-    if not spec.takes_process:
-        raise CLIError(f"objective {config.objective.name!r} cannot train an autoencoder")
-    kwargs = {k: v for k, v in cv.kwargs_dict(config.objective.kwargs).items()}
-    loss = autoencoder_loss(module, process, spec.get_factory(),
-                            kl_weight=config.autoencoder.kl_weight,
-                            bit_usage_weight=config.autoencoder.bit_usage_weight,
-                            tau_schedule=(None if config.autoencoder.tau_final is None else
-                                          (config.autoencoder.tau, config.autoencoder.tau_final,
-                                           config.autoencoder.tau_anneal_steps)),
-                            train=train, **kwargs)
-    return loss, True, (lambda variables: init_model_state(module, variables, loss))
+    """(loss_fn, stateful, init_model_state(variables) -> model_state or None) of the family."""
+    return family_for(config).objective(process, apply_fn, module, train=train)
 
 
 def build_experiment(config, image_shape) -> Experiment:
-    import jax.numpy as jnp
+    import flax.linen as nn
     from diffusion_jax import training as T
-    from diffusion_jax.networks import make_apply_fn
 
-    module = build_network(config, image_shape)
-    process = cv.build_process(config)
-    num_classes = config.model.num_classes
-    h, w, c = image_shape
-    cond0 = example_cond(num_classes)
-    if config.autoencoder.kind != "none":
-        from diffusion_jax.autoencoders import decoder_apply_fn
-        apply_fn = decoder_apply_fn(module)
-
-        def init_variables(key):
-            x0 = jnp.zeros((1, h, w, c), jnp.float32)
-            return module.init({"params": key}, x0, jnp.zeros((1,), jnp.float32), x0, train=False)
-    else:
-        apply_fn = make_apply_fn(module)
-
-        def init_variables(key):
-            x0 = jnp.zeros((1, h, w, c), jnp.float32)
-            return module.init(key, x0, jnp.zeros((1,), jnp.float32), cond0)
-
-    loss_fn, stateful, init_state = _objective(config, process, apply_fn, module)
-
-    def init_params_fn(key):
-        return init_variables(key)["params"]
+    model = family_for(config).build(image_shape)
 
     def init_model_state_fn(key):
-        import flax.linen as nn
-        return init_state(nn.unbox(init_variables(key)))
+        return model.init_model_state(nn.unbox(model.init_variables(key)))
 
     o = config.optim
     opt_cfg = T.OptimizerConfig(
@@ -218,15 +108,15 @@ def build_experiment(config, image_shape) -> Experiment:
         end_lr_factor=o.end_lr_factor, grad_clip_norm=o.grad_clip or None,
         grad_accum_steps=o.grad_accum)
     tx, schedule = T.make_optimizer(opt_cfg)
-    init_fn = T.make_init_fn(init_params_fn, tx, tuple(config.ema.decays),
-                             init_model_state_fn=init_model_state_fn if stateful else None)
+    init_fn = T.make_init_fn(model.init_params, tx, tuple(config.ema.decays),
+                             init_model_state_fn=init_model_state_fn if model.stateful else None)
     mesh = T.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
     rules = (tuple(tuple(r) for r in config.mesh.logical_axis_rules)
              if config.mesh.logical_axis_rules else T.DEFAULT_LOGICAL_AXIS_RULES)
     abstract, _ = T.state_shardings(init_fn, mesh, rules)
-    return Experiment(config, module, apply_fn, process, cv.objective_prediction(config.objective),
-                      tuple(image_shape), num_classes, mesh, rules, tx, schedule, opt_cfg,
-                      init_fn, abstract, loss_fn, stateful)
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model)}
+    return Experiment(**fields, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
+                      opt_cfg=opt_cfg, init_fn=init_fn, abstract=abstract)
 
 
 def open_split(config, split: str):
@@ -268,130 +158,36 @@ class Batches:
 def make_loss_fn(exp: Experiment, *, train: bool = True):
     """The objective: `loss_fn(params, batch, rng[, model_state])` (4 arguments iff
     `exp.stateful`), with label dropout for classifier-free guidance when configured."""
-    import jax
-    import jax.numpy as jnp
-    if train:
-        loss_fn = exp.loss_fn
-    else:
-        loss_fn = _objective(exp.config, exp.process, exp.apply_fn, exp.module, train=False)[0]
-    p = exp.config.objective.label_dropout
-    if not train or not p or exp.num_classes is None:
-        return loss_fn
-    null = exp.num_classes
-
-    def with_label_dropout(params, batch, rng, *state):
-        rng, k = jax.random.split(rng)
-        label = batch["cond"]["label"]
-        drop = jax.random.bernoulli(k, p, label.shape)
-        cond = {**batch["cond"], "label": jnp.where(drop, null, label).astype(label.dtype)}
-        return loss_fn(params, {**batch, "cond": cond}, rng, *state)
-
-    return with_label_dropout
+    return exp.family.make_loss_fn(exp, train=train)
 
 
 def make_eps_fn(exp: Experiment, *, pair: bool | None = None):
-    """eps_fn(x, t, cond) with the parameters inside cond ({'params', 'model_cond'}), so that one
-    jitted sampler serves every parameter set (`sampling.sample` treats eps_fn as static).
-
-    model_cond: {'label'} for class-conditional models, {'z'} for an autoencoder's decoder. A
-    learned-variance network (2C outputs) gives its first C channels, or the pair (eps, v) when
-    `pair` (default: iff config.sample.kwargs.variance == 'learned_range')."""
-    import jax.numpy as jnp
-    from diffusion_jax.objectives import edm_precondition
-    from diffusion_jax.processes import as_eps_fn
-
-    cfg = exp.config
-    if exp.prediction == "edm":
-        denoiser = edm_precondition(exp.apply_fn,
-                                    cfg.objective.kwargs.get("sigma_data", None) or 0.5)
-        net = denoiser
-    else:
-        net = exp.apply_fn
-    scale = float(cfg.sample.guidance_scale)
-    null = exp.num_classes
-    learned = exp.learned_variance
-    if pair is None:
-        pair = learned and cfg.sample.kwargs.get("variance", None) == "learned_range"
-
-    def eps_fn(x, t, cond):
-        params, c = cond["params"], cond.get("model_cond")
-        if learned:
-            def first(x_, t_, c_):
-                return net(params, x_, t_, c_)[..., :x_.shape[-1]]
-            if pair:
-                out = net(params, x, t, c).astype(jnp.float32)
-                return out[..., :x.shape[-1]], out[..., x.shape[-1]:]
-        else:
-            def first(x_, t_, c_):
-                return net(params, x_, t_, c_)
-        inner = as_eps_fn(first, exp.prediction, exp.process)
-        if scale == 1.0 or c is None or "label" not in c:
-            return inner(x, t, c)
-        b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        label = c["label"]
-        both = {**c, "label": jnp.concatenate([label, jnp.full_like(label, null)])}
-        eps = inner(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
-        eps_c, eps_u = eps[:b], eps[b:]
-        return eps_u + scale * (eps_c - eps_u)
-
-    return eps_fn
+    """The family's denoiser: eps_fn(x, t, cond) with cond = {'params', 'model_cond'}
+    (`models.ModelFamily.make_eps_fn`)."""
+    return exp.family.make_eps_fn(exp, pair=pair)
 
 
 def sampling_params(exp: Experiment, state):
-    from diffusion_jax.training import ema_key
-    decays = tuple(exp.config.ema.decays)
-    if exp.config.sample.use_ema and decays:
-        return state.ema[ema_key(decays[0])]
-    return state.params
+    return _sampling_params(exp, state)
 
 
 def generate(exp: Experiment, eps_fn, params, n: int, seed: int, *, z=None,
              num_steps: int | None = None, sampler: str | None = None):
-    """n samples (float32 host array in [-1, 1] up to the model's error) and their labels.
-
-    z (n, D): an autoencoder's latents, one per sample (required for autoencoders).
-    num_steps / sampler: override config.sample's."""
-    import jax
-    import numpy as np
-    from diffusion_jax.sampling import sample
-    from diffusion_jax.training import to_host
-
-    s = exp.config.sample
-    kwargs = {k: s.kwargs[k] for k in s.kwargs.keys() if s.kwargs[k] is not None}
-    if exp.is_autoencoder and z is None:
-        raise ValueError("generate: an autoencoder's decoder needs z (n, D)")
-    key = jax.random.PRNGKey(seed)
-    xs, labels = [], []
-    done = 0
-    while done < n:
-        b = min(int(s.batch_size), n - done)
-        model_cond = None
-        if exp.num_classes is not None:
-            lab = (np.arange(done, done + b) % exp.num_classes).astype(np.int32)
-            labels.append(lab)
-            model_cond = {"label": jax.numpy.asarray(lab)}
-        if z is not None:
-            model_cond = {"z": jax.numpy.asarray(np.asarray(z)[done:done + b], jax.numpy.float32)}
-        out = sample(sampler or s.sampler, eps_fn, exp.process, jax.random.fold_in(key, done),
-                     (b, *exp.image_shape), num_steps=int(num_steps or s.num_steps),
-                     spacing=s.spacing, cond={"params": params, "model_cond": model_cond},
-                     t_end=s.t_end, denoise_final=bool(s.denoise_final), **kwargs)
-        xs.append(np.asarray(to_host(out.x), np.float32))
-        done += b
-    return np.concatenate(xs), (np.concatenate(labels) if labels else None)
+    """n samples (float32 host array in [-1, 1] up to the model's error) and their labels
+    (`models.ModelFamily.generate`). z (n, D): latents, one per sample (families whose denoiser
+    takes them). num_steps / sampler: override config.sample's."""
+    return exp.family.generate(exp, eps_fn, params, n, seed, z=z, num_steps=num_steps,
+                               sampler=sampler)
 
 
 def state_structure(d: dict) -> dict:
-    """The parts of a (JSON) config that fix the train state's pytree and shapes."""
+    """The parts of a (JSON) config that fix the train state's pytree and shapes: config.model,
+    the family and its own parts (`ModelFamily.state_structure`), EMA and optimiser."""
     optim, data, ema = d.get("optim", {}), d.get("data", {}), d.get("ema", {})
-    ae = d.get("autoencoder", {}) or {}
-    shaping = {"kind": "none", "encoder": None, "latent": None, "z_dim": None, "z_conditioning": None,
-               "encoder_ch": None, "encoder_ch_mult": None, "encoder_num_res_blocks": None,
-               "encoder_attn_resolutions": None, "norm": "batch", "pool": "mean", "tau_final": None}
-    return {"model": {k: v for k, v in (d.get("model", {}) or {}).items() if k != "init_from"},
-            "autoencoder": {k: ae.get(k, v) for k, v in shaping.items()} if ae.get("kind", "none") != "none"
-            else "none",
+    name = family_name(d)
+    return {"model": {k: v for k, v in (d.get("model", {}) or {}).items()
+                      if k not in ("init_from", "family")},
+            "family": name, **get_family(name).state_structure(d),
             "objective learned variance": (d.get("objective", {}) or {}).get("name") == "hybrid",
             "data.name": data.get("name"), "data.image_size": data.get("image_size"),
             "ema.decays": [float(x) for x in ema.get("decays") or ()],

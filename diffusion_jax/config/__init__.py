@@ -5,7 +5,9 @@ An experiment config is an `ml_collections.ConfigDict` with these sections (`bas
 one with every field at its default; the files in `configs/` start from it):
 
     data         name, image_size, batch_size, random_flip, data_dir
-    model        type 'unet' | 'dit' and that network's fields (`UNET_FIELDS` / `DIT_FIELDS`)
+    model        type 'unet' | 'dit' and that network's fields (`UNET_FIELDS` / `DIT_FIELDS`),
+                 family (`diffusion_jax.models`; None: 'autoencoder' if autoencoder.kind
+                 is not 'none', else 'pixel'), init_from
     process      name (`diffusion_jax.processes.PROCESSES`) and kwargs (the process' fields)
     objective    name (`OBJECTIVES`: 'eps' 'x0' 'v' 'dsm' 'edm' 'hybrid') and kwargs (the
                  factory's options), label_dropout (classifier-free guidance training); 'hybrid'

@@ -10,6 +10,7 @@ autoencoder) described by a config file.
     python -m diffusion_jax --workdir=runs/digits --mode=probe               # probe table
     python -m diffusion_jax --config=configs/default.py --workdir=runs/digits --mode=fid \\
         --config.quality.inception_weights=pt_inception-2015-12-05-6726825d.pth  # FID/IS/KID/PR
+    python -m diffusion_jax --workdir=runs/digits --mode=sdedit              # SDEdit t0 sweep
     python -m diffusion_jax --workdir=runs/digits --mode=encode              # latents (.npz)
     ... --mode=reconstruct | interpolate | manipulate                       # autoencoders
     diffusion-jax ...                                 # the same, as a console script
@@ -19,6 +20,7 @@ autoencoder) described by a config file.
     sample.py      sample            evaluate.py   eval
     report.py      report            probe.py      probe
     quality.py     fid (FID / IS / KID / precision-recall -> workdir/quality/*.json)
+    sdedit.py      sdedit (SDEdit from corrupted test images over t0 -> workdir/sdedit/)
     autoencoder.py encode, reconstruct, interpolate, manipulate
     experiment.py  what they share: network / process / objective / state built from the config
 
@@ -63,7 +65,7 @@ from diffusion_jax import config as cv
 from diffusion_jax.cli.experiment import CLIError, maybe_initialize_distributed, saved_config
 
 MODES = ("train", "sample", "eval", "report", "probe", "encode", "reconstruct", "interpolate",
-         "manipulate", "fid")
+         "manipulate", "fid", "sdedit")
 
 __all__ = ["main", "run", "define_flags", "execute", "CLIError", "MODES"]
 
@@ -239,6 +241,9 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
     if mode == "fid":
         from diffusion_jax.cli.quality import run_quality
         return run_quality(config, workdir, step, progress=progress)
+    if mode == "sdedit":
+        from diffusion_jax.cli.sdedit import run_sdedit
+        return run_sdedit(config, workdir, step)
     from diffusion_jax.cli import autoencoder as ae
     return {"encode": ae.run_encode, "reconstruct": ae.run_reconstruct,
             "interpolate": ae.run_interpolate, "manipulate": ae.run_manipulate}[mode](

@@ -205,13 +205,6 @@ def _t0s_check(v):
     return f"t0 fractions must lie in (0, 1], got {bad}" if bad else None
 
 
-def _t0s_check(v):
-    if not v:
-        return "needs at least one t0 fraction"
-    bad = [f for f in v if not 0.0 < f <= 1.0]
-    return f"t0 fractions must lie in (0, 1], got {bad}" if bad else None
-
-
 def _mesh_shape_check(v):
     if len(v) != 3:
         return f"needs one size per mesh axis {MESH_AXIS_NAMES}, got {len(v)}"
@@ -344,25 +337,6 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "False leaves noise of sigma(t_end) in the samples"),
         "guidance_scale": Field(float, 1.0, doc="classifier-free guidance; 1 = plain conditional"),
         "use_ema": Field(bool, True),
-        "seed": Field(int, 0),
-    },
-    "sdedit": {                       # --mode=sdedit (cli/sdedit.py, Meng et al. 2022)
-        "t0s": Field(tuple, (0.2, 0.35, 0.5, 0.65, 0.8, 1.0), item=float, check=_t0s_check,
-                     doc="start times as fractions s of the process' range, t0 = t_min + s (t_max - "
-                         "t_min), each in (0, 1]"),
-        "sampler": Field(str, None, optional=True, choices=_sampler_names, doc="None: sample.sampler"),
-        "full_steps": Field(int, None, optional=True, check=_positive,
-                            doc="steps over the whole range (ceil(s N) from t0); None: sample.num_steps"),
-        "guide": Field(str, "downsample", choices=("downsample", "noise", "clean"),
-                       doc="the guides: test images block-averaged (a coarse 'stroke painting'), "
-                           "noised, or clean"),
-        "factor": Field(int, 4, check=_positive, doc="'downsample': block size"),
-        "noise_std": Field(float, 0.5, check=_positive, doc="'noise': per-pixel std ([-1, 1] images)"),
-        "num_images": Field(int, 8, check=_positive, doc="guides: the first images of the split"),
-        "split": Field(str, "test"),
-        "classifier_steps": Field(int, 500, check=_non_negative,
-                                  doc="train steps of the feature classifier for the feature distance "
-                                      "and accuracy per t0; 0: none"),
         "seed": Field(int, 0),
     },
     "sdedit": {                       # --mode=sdedit (cli/sdedit.py, Meng et al. 2022)

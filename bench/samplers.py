@@ -13,6 +13,9 @@ held-out x_T of every other row,
 then the observed order of each deterministic solver (slope of log error vs log NFE between the two
 largest NFEs; the order target is judged on a 16-D Gaussian, whose exact flow map is the reference), and the time per NFE of the jitted `lax.scan` sampler next to the same sampler run as a
 plain Python loop calling a jitted one-step function.
+Then the CLD section (`bench/samplers_cld.py`, skipped with --no_cld): SSCS vs Euler-Maruyama (and the
+phase-space PF-ODE) vs NFE with the exact score of critically-damped Langevin diffusion, in the JSON
+under 'cld'.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -193,6 +197,7 @@ def main():
     ap.add_argument("--num_samples", type=int, default=2000)
     ap.add_argument("--fit_iters", type=int, default=200, help="Adam steps of each fitted grid")
     ap.add_argument("--quick", action="store_true", help="fewer samples and NFEs (smoke run)")
+    ap.add_argument("--no_cld", action="store_true", help="skip the CLD section (bench/samplers_cld.py)")
     args = ap.parse_args()
     nfes = (5, 10) if args.quick else NFES
     n = 256 if args.quick else args.num_samples
@@ -210,6 +215,15 @@ def main():
             "num_samples": n, "seconds": time.time() - t0, "load_average": os.getloadavg()}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "accuracy": rows, "orders": orders, "overhead": overhead, "targets": checks}, f, indent=1)
+    if not args.no_cld:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import samplers_cld  # pylint: disable=import-outside-toplevel  (bench/samplers_cld.py)
+        cld = samplers_cld.run(quick=args.quick)
+        with open(args.out) as f:
+            results = json.load(f)
+        results["cld"] = cld
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     print(f"\nwrote {args.out} ({meta['seconds']:.0f} s)")
 
 

@@ -57,8 +57,8 @@ from diffusion_jax.autoencoders import (LatentOutput, decoder_eps_fn, encode_fn,
                                         recompute_batch_stats, reconstruct_from_noise)
 from diffusion_jax.autoencoders import diagnostics as D  # noqa: E402
 from diffusion_jax.cli.autoencoder import load_arrays  # noqa: E402
-from diffusion_jax.cli.experiment import _objective, build_network  # noqa: E402
 from diffusion_jax.evaluation import train_feature_classifier  # noqa: E402
+from diffusion_jax.models import family_for  # noqa: E402
 from diffusion_jax.readouts import fit_linear_probe, knn_accuracy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,12 +98,12 @@ def make_config(overrides: dict):
 def train(config, tr, steps: int, eval_at: tuple[int, ...], evaluate):
     """The default job's optimiser and EMA (0.999 with warm-up) in a plain jitted loop."""
     shape = tr["x"].shape[1:]
-    module = build_network(config, shape)
+    family = family_for(config)                      # the 'autoencoder' family (DiffAE / DMZ)
+    module = family.build_network(shape)
     process = cv.build_process(config)
-    loss_fn, _, init_state = _objective(config, process, None, module)
+    loss_fn, _, init_state = family.objective(process, None, module)
     key = jax.random.PRNGKey(config.train.seed)
-    x1 = jnp.zeros((1,) + shape)
-    variables = nn.unbox(module.init({"params": key}, x1, jnp.zeros((1,)), x1, train=False))
+    variables = nn.unbox(family.init_variables(module, key, shape))
     params, mstate = variables["params"], init_state(variables)
     o = config.optim
     warmup = min(o.warmup_steps, steps // 2)          # the config's 100 for >= 200 steps (--quick: fewer)

@@ -200,7 +200,7 @@ def load_model(config, wd: str):
 def param_counts(exp, state) -> dict:
     size = lambda tree: int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
     p = state.params
-    if exp.is_autoencoder:
+    if exp.family.has_encoder:
         return {"decoder": size(p["decoder"]), "encoder": size(p["encoder"])}
     return {"decoder": size(p), "encoder": 0}
 
@@ -277,10 +277,9 @@ def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: 
         exp, state = models[name]
         eps_fn = make_eps_fn(exp)            # one closure: one compiled sampler per step count
         params = sampling_params(exp, state)
-        z = None
-        if exp.is_autoencoder:
-            z = (generation_latents(exp, num_gen, seed)[0] if probs is None else
-                 np.asarray(sample_binary_prior(jax.random.PRNGKey(seed), num_gen, len(probs), probs)))
+        # the family's prior latents (None for the DDPM), or DMZ's bits at their train frequencies
+        z = (exp.family.generation_latents(exp, state, num_gen, seed)[0] if probs is None else
+             np.asarray(sample_binary_prior(jax.random.PRNGKey(seed), num_gen, len(probs), probs)))
         for steps in gen_steps:
             t1 = time.perf_counter()
             x, _ = generate(exp, eps_fn, params, num_gen, seed, z=z, num_steps=steps,

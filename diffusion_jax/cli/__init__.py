@@ -21,8 +21,9 @@ autoencoder) described by a config file.
     report.py      report            probe.py      probe
     quality.py     fid (FID / IS / KID / precision-recall -> workdir/quality/*.json)
     sdedit.py      sdedit (SDEdit from corrupted test images over t0 -> workdir/sdedit/)
-    autoencoder.py encode, reconstruct, interpolate, manipulate
-    experiment.py  what they share: network / process / objective / state built from the config
+    autoencoder.py encode, reconstruct, interpolate, manipulate (families with an encoder)
+    experiment.py  what they share: the model family's model (`diffusion_jax.models`) + optimiser,
+                   mesh and train state built from the config
 
 `--config` is an ml-collections config file (`configs/*.py`, `path.py:variant` passes a variant
 to `get_config`); every field can be overridden with `--config.<section>.<field>=<value>`
@@ -216,6 +217,8 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
             raise CLIError("--config is required for training (e.g. --config=configs/default.py)")
         config = saved_config(workdir)
     cv.validate(config)
+    from diffusion_jax.models import family_for
+    family_for(config)                        # config.model.family: a registered family, consistent
     from diffusion_jax.cli.pretrained import resolve_init_from
     resolve_init_from(config, workdir)        # model.init_from: the network from published weights
     maybe_initialize_distributed(config)

@@ -1,5 +1,6 @@
-"""Diffusion-autoencoder modes: `encode`, `reconstruct`, `interpolate`, `manipulate`, and the
-latent helpers the train loop and the report share.
+"""The modes of model families with an encoder (`family.has_encoder`: DiffAE, DMZ): `encode`,
+`reconstruct`, `interpolate`, `manipulate`, the report's latent diagnostics, and thin wrappers of
+the family's encoder methods (`diffusion_jax.models`) under their older names.
 
     python -m diffusion_jax --workdir=runs/x --mode=encode        # latents/<split>_step<N>.npz
     python -m diffusion_jax --workdir=runs/x --mode=reconstruct   # reconstructions/step<N>.png/json
@@ -38,149 +39,41 @@ def load_arrays(config, split: str, limit: int = 0) -> dict:
     return to_model_input(source.get_batch(range(n)))
 
 
-def _check_images(exp: Experiment, images) -> None:
-    shape = tuple(images.shape[1:])
-    if shape != tuple(exp.image_shape):
-        raise CLIError(f"images of shape {shape} do not fit this autoencoder, which was built "
-                       f"for {tuple(exp.image_shape)} (config.data.image_size)")
-
-
 def encoder_variables(exp: Experiment, state) -> dict:
-    """{'params', ['batch_stats']} of the encoder the modes use: the sampling (EMA) parameters and,
-    when the encoder keeps BatchNorm statistics and the EMA parameters are used, statistics
-    recomputed for those parameters on (up to 2 048 images of) the train split
-    (`autoencoders.recompute_batch_stats`): the running statistics in the state were gathered
-    under the online weights. Cached per state on the experiment."""
-    from diffusion_jax.autoencoders import recompute_batch_stats
-    from diffusion_jax.training.state import has_leaves
-
-    params = sampling_params(exp, state)
-    key = ("encoder_variables", id(state), int(state.step))
-    if key in exp.cache:
-        return exp.cache[key]
-    variables = {"params": params}
-    stats = state.model_state.get("encoder", {}) if isinstance(state.model_state, dict) else {}
-    if has_leaves(stats):
-        variables["batch_stats"] = stats
-        if params is not state.params:
-            images = load_arrays(exp.config, "train", 2048)["x"]
-            variables["batch_stats"] = recompute_batch_stats(exp.module, variables, images)
-    exp.cache = {k: v for k, v in exp.cache.items()
-                 if not (isinstance(k, tuple) and k[0] == "encoder_variables")}
-    exp.cache[key] = variables
-    return variables
-
-
-def _encoder_fn(exp: Experiment):
-    import jax
-    from diffusion_jax.autoencoders import encode_fn
-    if "encode" not in exp.cache:
-        enc = encode_fn(exp.module)
-        exp.cache["encode"] = jax.jit(lambda v, x: enc(v, x, train=False)[0].z)
-    return exp.cache["encode"]
+    """{'params', ['batch_stats']} of the encoder the modes use (the sampling (EMA) parameters,
+    BatchNorm statistics recomputed for them): `exp.family.encoder_variables`."""
+    return exp.family.encoder_variables(exp, state)
 
 
 def encode_images(exp: Experiment, state, images, *, batch_size: int = 256):
-    """z (N, D) numpy of `images` (N, H, W, C) with the EMA encoder in evaluation mode (BatchNorm
-    statistics of `encoder_variables`, hard binary codes, Gaussian means). One compiled function
-    per experiment and batch shape."""
-    import numpy as np
-
-    _check_images(exp, images)
-    variables = encoder_variables(exp, state)
-    fn = _encoder_fn(exp)
-    out = []
-    for i in range(0, len(images), batch_size):
-        xb = np.asarray(images[i:i + batch_size], np.float32)
-        n = len(xb)
-        if n < batch_size and len(images) > batch_size:          # one compiled shape
-            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, 0)])
-        out.append(np.asarray(fn(variables, xb))[:n])
-    return np.concatenate(out)
+    """z (N, D) numpy of `images` (N, H, W, C) with the EMA encoder in evaluation mode
+    (`exp.family.encode`)."""
+    return exp.family.encode(exp, state, images, batch_size=batch_size)
 
 
 def decoder_eps_fn(exp: Experiment, state=None):
-    """eps_fn(x, t, cond={'z': z, 'params': params}) of the decoder (first C channels), for the
-    inference functions of `diffusion_jax.autoencoders` (pass params=`sampling_params(exp,
-    state)`). One function per experiment, so their jitted loops compile once."""
+    """eps_fn(x, t, cond={'z': z, 'params': params}) of the decoder (`exp.family.decoder_eps_fn`)."""
     del state
-    if "decoder_eps" not in exp.cache:
-        from diffusion_jax.cli.experiment import make_eps_fn
-        base = make_eps_fn(exp, pair=False)
-        exp.cache["decoder_eps"] = lambda x, t, cond: base(
-            x, t, {"params": cond["params"], "model_cond": {"z": cond["z"]}})
-    return exp.cache["decoder_eps"]
+    return exp.family.decoder_eps_fn(exp)
 
 
 def generation_latents(exp: Experiment, n: int, seed: int, *, train_z=None, latent_sampler=None):
-    """(z (n, D), description) for unconditional generation: binary latents from the prior
-    (Bernoulli(1/2), or the per-bit frequencies of `train_z` with autoencoder.prior='empirical'),
-    Gaussian latents from N(0, I), continuous latents from DiffAE's latent sampler when one was
-    trained, else the latents of the first n training images (conditional samples)."""
-    import jax
-    import numpy as np
-    from diffusion_jax.autoencoders import bit_frequencies, sample_binary_prior
-    from diffusion_jax.cli.experiment import autoencoder_choices
-
-    choice = autoencoder_choices(exp.config)
-    key = jax.random.PRNGKey(seed)
-    if choice["latent"] == "binary":
-        probs, what = None, "z ~ Bernoulli(1/2) bits"
-        if exp.config.autoencoder.prior == "empirical" and train_z is not None:
-            probs, what = bit_frequencies(train_z), "z ~ per-bit empirical frequencies"
-        return np.asarray(sample_binary_prior(key, n, choice["z_dim"], probs)), what
-    if choice["latent"] == "gaussian":
-        return np.asarray(jax.random.normal(key, (n, choice["z_dim"]))), "z ~ N(0, I)"
-    if latent_sampler is not None:
-        return np.asarray(latent_sampler.sample(key, n)), "z from the latent DDIM"
-    if train_z is None:
-        raise CLIError("continuous latents need a latent sampler (config.latent_sampler."
-                       "num_steps > 0) or training latents to condition on")
-    idx = np.arange(n) % len(train_z)
-    return np.asarray(train_z)[idx], "z of training images (conditional samples)"
-
-
-def _clip(exp: Experiment) -> bool:
-    """config.sample.kwargs.clip_x0: DDIM with x0_hat clipped to [-1, 1] (inverted the same way)."""
-    return bool(exp.config.sample.kwargs.get("clip_x0", False))
+    """(z (n, D), description) for unconditional generation (`exp.family.generation_latents`)."""
+    return exp.family.generation_latents(exp, None, n, seed, train_z=train_z,
+                                         latent_sampler=latent_sampler)
 
 
 def reconstructions(exp: Experiment, state, images, z, *, steps: int, fixed_point_iters: int,
                     seed: int = 0) -> dict:
-    """Reconstructions of `images` from (z, x_T = DDIM^{-1}(x0 | z)) and from (z, fresh noise),
-    with their mean squared errors (per pixel, images in [-1, 1])."""
-    import jax
-    import numpy as np
-    from diffusion_jax.autoencoders import (reconstruct, reconstruct_from_noise,
-                                            stochastic_encode)
-    eps_fn = decoder_eps_fn(exp)
-    params = sampling_params(exp, state)
-    p = exp.process
-    clip = _clip(exp)
-    x_t = stochastic_encode(eps_fn, p, images, z, num_steps=steps,
-                            fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
-    rec = np.asarray(reconstruct(eps_fn, p, z, x_t, num_steps=steps, clip_x0=clip, params=params))
-    rec_noise = np.asarray(reconstruct_from_noise(eps_fn, p, z, jax.random.PRNGKey(seed),
-                                                  exp.image_shape, num_steps=steps, clip_x0=clip,
-                                                  params=params))
-    mse = lambda a: float(np.mean((np.clip(a, -1, 1) - images) ** 2))
-    return {"x_T": np.asarray(x_t), "inverted": rec, "noise": rec_noise,
-            "mse_inverted": mse(rec), "mse_noise": mse(rec_noise)}
+    """Reconstructions from (z, inverted x_T) and from (z, fresh noise) with their MSEs
+    (`exp.family.reconstruct`)."""
+    return exp.family.reconstruct(exp, state, images, z, steps=steps,
+                                  fixed_point_iters=fixed_point_iters, seed=seed)
 
 
 def latent_outputs(exp: Experiment, state, images) -> dict:
-    """The encoder's full evaluation output on `images` (one batch): 'z' and, where the latent has
-    them, 'logits' (binary) or 'mean' / 'logvar' (Gaussian), as numpy arrays."""
-    import jax
-    import numpy as np
-    from diffusion_jax.autoencoders import encode_fn
-    _check_images(exp, images)
-    if "encode_full" not in exp.cache:
-        enc = encode_fn(exp.module)
-        exp.cache["encode_full"] = jax.jit(
-            lambda v, x: {k: v_ for k, v_ in enc(v, x, train=False)[0]._asdict().items() if v_ is not None})
-    out = exp.cache["encode_full"](encoder_variables(exp, state), np.asarray(images, np.float32))
-    return {k: np.asarray(v) for k, v in out.items()}
+    """The encoder's evaluation output on `images` (`exp.family.latent_outputs`)."""
+    return exp.family.latent_outputs(exp, state, images)
 
 
 def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, *, num: int = 256,
@@ -201,13 +94,12 @@ def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, 
     """
     import jax
     import numpy as np
-    from diffusion_jax.autoencoders import reconstruct_from_noise
     from diffusion_jax.autoencoders import diagnostics as D
-    from diffusion_jax.cli.experiment import autoencoder_choices
 
+    fam = exp.family
     n = min(int(num), len(test["x"]))
     x0, z = np.asarray(test["x"][:n], np.float32), np.asarray(test_z[:n], np.float32)
-    eps_fn, params = decoder_eps_fn(exp), sampling_params(exp, state)
+    eps_fn, params = fam.decoder_eps_fn(exp), sampling_params(exp, state)
     key = jax.random.PRNGKey(seed)
     out: dict = {"num_images": n}
     out["z_dependence"] = D.z_dependence(eps_fn, exp.process, x0, z, jax.random.fold_in(key, 1),
@@ -221,15 +113,14 @@ def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, 
                                                   num_classes=int(np.max(labels)) + 1, seed=seed)
         log(f"diagnostics: decoding {n} test latents from fresh noise ({steps} DDIM steps)")
         bs = int(exp.config.sample.batch_size)
-        rec = np.concatenate([np.asarray(reconstruct_from_noise(
-            eps_fn, exp.process, z[i:i + bs], jax.random.fold_in(key, 2 + i), exp.image_shape,
-            num_steps=int(steps), clip_x0=_clip(exp), params=params)) for i in range(0, n, bs)])
+        rec = np.concatenate([fam.decode(exp, state, z[i:i + bs], key=jax.random.fold_in(key, 2 + i),
+                                         steps=int(steps)) for i in range(0, n, bs)])
         pred_orig, pred_rec = classifier.predict(x0), classifier.predict(np.clip(rec, -1, 1))
         out["agreement"] = float(np.mean(pred_orig == pred_rec))
         out["reconstruction_accuracy"] = float(np.mean(pred_rec == np.asarray(test["label"][:n])))
         out["classifier_test_accuracy"] = float(np.mean(pred_orig == np.asarray(test["label"][:n])))
-    if autoencoder_choices(exp.config)["latent"] != "continuous":
-        lat = latent_outputs(exp, state, x0)
+    lat = fam.latent_outputs(exp, state, x0)
+    if lat.get("logits") is not None or lat.get("mean") is not None:     # a stochastic latent
         from diffusion_jax.autoencoders import LatentOutput
         fields = {k: lat.get(k) for k in ("logits", "mean", "logvar")}
         out["mutual_information_bits"] = D.mutual_information(LatentOutput(lat["z"], **fields),
@@ -247,26 +138,19 @@ def latent_diagnostics(exp: Experiment, state, train: dict, test: dict, test_z, 
 
 def interpolations(exp: Experiment, state, images_a, images_b, z_a, z_b, *, steps: int,
                    points: int, fixed_point_iters: int):
-    """(K, B, H, W, C) decodes along linear-in-z, spherical-in-x_T paths between pairs."""
-    import numpy as np
-    from diffusion_jax.autoencoders import interpolate, stochastic_encode
-    eps_fn = decoder_eps_fn(exp)
-    params = sampling_params(exp, state)
-    p = exp.process
-    clip = _clip(exp)
-    xa = stochastic_encode(eps_fn, p, images_a, z_a, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
-    xb = stochastic_encode(eps_fn, p, images_b, z_b, num_steps=steps,
-                           fixed_point_iters=fixed_point_iters, clip_x0=clip, params=params)
-    w = np.linspace(0.0, 1.0, points)
-    return np.asarray(interpolate(eps_fn, p, (z_a, xa), (z_b, xb), w, num_steps=steps,
-                                  clip_x0=clip, params=params)), w
+    """(K, B, H, W, C) decodes along linear-in-z, spherical-in-x_T paths between pairs
+    (`exp.family.interpolate`), and the K weights."""
+    return exp.family.interpolate(exp, state, images_a, images_b, z_a, z_b, steps=steps,
+                                  points=points, fixed_point_iters=fixed_point_iters)
 
 
 def _open(config, workdir: str, step, mode: str):
-    if config.autoencoder.kind == "none":
-        raise CLIError(f"--mode={mode} needs a diffusion autoencoder (config.autoencoder.kind "
-                       f"'diffae' or 'dmz'); this run's kind is 'none'")
+    from diffusion_jax.models import family_for
+    family = family_for(config)
+    if not family.has_encoder:
+        raise CLIError(f"--mode={mode} needs a diffusion autoencoder (or another model family "
+                       f"with an encoder: config.model.family, config.autoencoder.kind 'diffae' or "
+                       f"'dmz'); this run's family {family.name!r} has none")
     if not has_checkpoints(workdir):
         raise missing_checkpoint(workdir)
     split = config.eval.split
@@ -361,7 +245,6 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from diffusion_jax.autoencoders.manipulation import fit_linear_classifier, manipulate
-    from diffusion_jax.autoencoders.inference import reconstruct, stochastic_encode
     from diffusion_jax.reports import image_grid
     exp, ckpt_step, state, split = _open(config, workdir, step, "manipulate")
     r = config.report
@@ -383,17 +266,14 @@ def run_manipulate(config, workdir: str, step=None) -> dict:
     keep = test["label"] != target
     x0 = test["x"][keep][:8]
     z = encode_images(exp, state, x0)
-    eps_fn = decoder_eps_fn(exp)
-    params = sampling_params(exp, state)
-    x_t = stochastic_encode(eps_fn, exp.process, x0, z, num_steps=r.inversion_steps,
-                            fixed_point_iters=r.fixed_point_iters, clip_x0=_clip(exp), params=params)
+    x_t = exp.family.invert(exp, state, x0, z, steps=r.inversion_steps,
+                            fixed_point_iters=r.fixed_point_iters)
     rows = [x0]
     scales = tuple(float(s) for s in r.manipulate_scales)
     logits = []
     for s in scales:
         zs = manipulate(jnp.asarray(z), direction, s, stats)
-        x_s = np.asarray(reconstruct(eps_fn, exp.process, zs, x_t, num_steps=r.inversion_steps,
-                                     clip_x0=_clip(exp), params=params))
+        x_s = exp.family.decode(exp, state, zs, x_T=x_t, steps=r.inversion_steps)
         rows.append(x_s)
         logits.append(float(np.mean(np.asarray(clf.logits(encode_images(exp, state, x_s))))))
     out_dir = os.path.join(workdir, "manipulations")

@@ -31,15 +31,11 @@ def run_eval(config, workdir: str, step: int | None) -> dict:
     param_sets = {"loss": state.params}
     if config.ema.decays:
         param_sets["loss_ema"] = state.ema[T.ema_key(config.ema.decays[0])]
-    # Stateful losses get the state's model_state; an autoencoder's encoder is evaluated in eval
-    # mode with the BatchNorm statistics that belong to each parameter set (recomputed for EMA).
+    # Stateful losses get the model_state that belongs to each parameter set (the family's:
+    # e.g. an autoencoder's encoder BatchNorm statistics recomputed for the EMA parameters).
     states = {k: None for k in param_sets}
     if exp.stateful and T.has_leaves(state.model_state):
-        states = {k: state.model_state for k in param_sets}
-        if exp.is_autoencoder and "loss_ema" in param_sets and T.has_leaves(state.model_state.get("encoder", {})):
-            from diffusion_jax.cli.autoencoder import encoder_variables
-            states["loss_ema"] = {**state.model_state,
-                                  "encoder": encoder_variables(exp, state)["batch_stats"]}
+        states = {k: exp.family.eval_model_state(exp, state, p) for k, p in param_sets.items()}
     totals = {k: 0.0 for k in param_sets}
     n_batches = n_examples = 0
     t0 = time.perf_counter()

@@ -75,9 +75,12 @@ def _check_run(config, path: str) -> None:
     spec = f"config.model.init_from={config.model.init_from!r}"
     if config.model.type != "unet":
         raise cv.ConfigError(f"{spec} is a UNet; config.model.type is {config.model.type!r}")
-    if config.autoencoder.kind != "none":
-        raise cv.ConfigError(f"{spec}: a diffusers UNet2DModel is a plain denoiser; "
-                             f"config.autoencoder.kind must be 'none', got {config.autoencoder.kind!r}")
+    from diffusion_jax.models import family_for
+    family = family_for(config)
+    if not family.accepts_pretrained_denoiser:
+        raise cv.ConfigError(f"{spec}: a diffusers UNet2DModel is a plain denoiser; the model "
+                             f"family {family.name!r} (config.model.family, config.autoencoder.kind="
+                             f"{config.autoencoder.kind!r}) cannot start from it")
     if config.objective.name == "hybrid":
         raise cv.ConfigError(f"{spec}: the network has no learned-variance outputs; "
                              f"config.objective.name='hybrid' needs them")

@@ -103,12 +103,9 @@ def probe_table(exp, state, train: dict, test: dict, *, key, train_z=None, test_
     dim = int(train_z.shape[1]) if train_z is not None else 64
     add(f"PCA-{dim}", *pca_features(xtr, xte, dim))
 
-    params = sampling_params(exp, state)
-    module = exp.module
-    cond_tr = cond_te = None
-    if exp.is_autoencoder:
-        module, params = exp.module.decoder, params["decoder"]
-        cond_tr, cond_te = {"z": train_z}, {"z": test_z}
+    # the network whose blocks are read (an autoencoder's decoder, given the images' own z)
+    module, params, cond_tr = exp.family.readout_network(exp, sampling_params(exp, state), train_z)
+    cond_te = exp.family.readout_network(exp, sampling_params(exp, state), test_z)[2]
     blocks = tuple(cfg.readout.blocks) or None
     pool = cfg.readout.pool
     sweep = probe_sweep(module, params, train["x"], train["label"], test["x"], test["label"],
@@ -123,7 +120,7 @@ def probe_table(exp, state, train: dict, test: dict, *, key, train_z=None, test_
                               process=exp.process, batch_size=64, pool=pool,
                               key=jax.random.fold_in(key, i), cond=c)
              for i, (d, c) in enumerate(((train, cond_tr), (test, cond_te)))]
-    given = " (given z)" if exp.is_autoencoder else ""
+    given = " (given z)" if cond_tr is not None else ""
     pooled = "" if pool == "gap" else f" {pool}"
     name = f"readout t={best['t']:.3g} {best['block']}{pooled}{given}"
     add(name, feats[0][best["block"]][0], feats[1][best["block"]][0])
@@ -141,7 +138,7 @@ def probe_table(exp, state, train: dict, test: dict, *, key, train_z=None, test_
 def run_probe(config, workdir: str, step=None) -> dict:
     import jax
     import numpy as np
-    from diffusion_jax.cli.autoencoder import encode_images, load_arrays
+    from diffusion_jax.cli.autoencoder import load_arrays
     if not has_weights(config, workdir):           # a checkpoint, or model.init_from
         raise missing_checkpoint(workdir)
     source = open_split(config, "train")
@@ -151,9 +148,9 @@ def run_probe(config, workdir: str, step=None) -> dict:
     train = load_arrays(config, "train", r.num_train)
     test = load_arrays(config, config.eval.split, r.num_test)
     train_z = test_z = None
-    if exp.is_autoencoder:
-        train_z = encode_images(exp, state, train["x"])
-        test_z = encode_images(exp, state, test["x"])
+    if exp.family.has_encoder:
+        train_z = exp.family.encode(exp, state, train["x"])
+        test_z = exp.family.encode(exp, state, test["x"])
     out_dir = os.path.join(workdir, "probe")
     os.makedirs(out_dir, exist_ok=True)
     heat = os.path.join(out_dir, f"step{ckpt_step}_heatmap.png")

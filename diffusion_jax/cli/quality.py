@@ -121,19 +121,16 @@ def evaluate_images(config, images: np.ndarray, workdir: str, *, mesh=None,
 
 
 def _latents(exp, state, n: int, seed: int):
-    """(z, description) for an autoencoder's unconditional samples as the report draws them
-    (`cli.autoencoder.generation_latents`: prior samples; continuous latents without a latent
-    sampler: the training images' latents, i.e. conditional samples); (None, None) otherwise."""
-    if not exp.is_autoencoder:
-        return None, None
-    from diffusion_jax.cli import autoencoder as ae_lib
-    from diffusion_jax.cli.experiment import autoencoder_choices
-    c = exp.config
+    """(z, description) for the family's unconditional samples as the report draws them
+    (`ModelFamily.generation_latents`: an autoencoder's prior samples; continuous latents without
+    a latent sampler: the training images' latents, i.e. conditional samples); (None, None) for
+    families whose generation needs none."""
+    fam, c = exp.family, exp.config
     train_z = None
-    if autoencoder_choices(c)["latent"] == "continuous" or c.autoencoder.prior == "empirical":
-        train = ae_lib.load_arrays(c, "train", c.readout.num_train)
-        train_z = ae_lib.encode_images(exp, state, train["x"])
-    return ae_lib.generation_latents(exp, n, seed, train_z=train_z)
+    if fam.needs_train_latents:
+        from diffusion_jax.cli.autoencoder import load_arrays
+        train_z = fam.encode(exp, state, load_arrays(c, "train", c.readout.num_train)["x"])
+    return fam.generation_latents(exp, state, n, seed, train_z=train_z)
 
 
 def run_quality(config, workdir: str, step: int | None, *, progress: bool = True) -> dict:

@@ -89,7 +89,6 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     import jax
     import numpy as np
     from diffusion_jax.cli import autoencoder as ae_lib
-    from diffusion_jax.cli.experiment import autoencoder_choices
     from diffusion_jax.cli.probe import probe_table
     from diffusion_jax.reports import image_grid
     from diffusion_jax.reports.plots import loss_curve
@@ -105,9 +104,8 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     os.makedirs(out, exist_ok=True)
     rel = lambda p: os.path.relpath(p, workdir)
     numbers: dict = {"step": ckpt_step, "config": config.data.name}
-    kind = config.autoencoder.kind
-    title = {"none": "Diffusion model", "diffae": "DiffAE", "dmz": "DMZ"}[kind]
-    rep = Report(f"{title} on {config.data.name}: report at step {ckpt_step}",
+    fam = exp.family
+    rep = Report(f"{fam.title()} on {config.data.name}: report at step {ckpt_step}",
                  intro=f"Work directory {workdir}. Every figure below is made from the checkpoint "
                        f"of step {ckpt_step} (EMA parameters) by diffusion_jax's own functions; "
                        f"`python -m diffusion_jax --workdir={workdir} --mode=report` rebuilds it.")
@@ -128,38 +126,29 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     n = int(s.num_samples)
     train_z = test_z = sampler = None
     sample_what = f"{s.sampler}, {s.num_steps} steps"
-    z_gen = None
-    if exp.is_autoencoder:
-        choice = autoencoder_choices(config)
+    if fam.has_encoder:
         progress(f"report: encoding {len(train['x'])} train and {len(test['x'])} test images")
-        train_z = ae_lib.encode_images(exp, state, train["x"])
-        test_z = ae_lib.encode_images(exp, state, test["x"])
-        ls = config.latent_sampler
-        if choice["latent"] == "continuous" and ls.num_steps:
-            from diffusion_jax.autoencoders.latent_sampler import train_latent_sampler
-            progress(f"report: training the latent DDIM ({ls.num_steps} steps) on "
-                     f"{len(train_z)} normalised latents")
-            sampler = train_latent_sampler(train_z, {
-                "num_layers": ls.num_layers, "hidden": ls.hidden, "batch_size": ls.batch_size,
-                "learning_rate": ls.learning_rate, "num_steps": ls.num_steps, "loss": ls.loss,
-                "sample_steps": ls.sample_steps, "seed": config.train.seed,
-                "chunk_steps": min(1000, ls.num_steps)})
+        train_z = fam.encode(exp, state, train["x"])
+        test_z = fam.encode(exp, state, test["x"])
+        sampler = fam.fit_latent_sampler(exp, train_z, log=lambda m: progress(f"report: {m}"))
+        if getattr(sampler, "losses", None) is not None:
             numbers["latent_sampler_final_loss"] = float(np.asarray(sampler.losses)[-1])
-        z_gen, z_what = ae_lib.generation_latents(exp, n, int(s.seed), train_z=train_z,
-                                                  latent_sampler=sampler)
+    # what the family's generation draws on (an autoencoder's latents; None for most families)
+    z_gen, z_what = fam.generation_latents(exp, state, n, int(s.seed), train_z=train_z,
+                                           latent_sampler=sampler)
+    if z_what:
         sample_what += f"; {z_what}"
     progress(f"report: sampling {n} images ({sample_what})")
     x, _ = generate(exp, make_eps_fn(exp), params, n, int(s.seed), z=z_gen)
     samples_png = image_grid(x, os.path.join(out, "samples.png"))
     rep.add_image("Samples", rel(samples_png), caption=sample_what)
 
-    if exp.is_autoencoder:
+    if fam.has_encoder:
         k = min(int(r.num_reconstructions), len(test["x"]))
         progress(f"report: reconstructing {k} test images (DDIM inversion, "
                  f"{r.inversion_steps} steps)")
-        rec = ae_lib.reconstructions(exp, state, test["x"][:k], test_z[:k],
-                                     steps=r.inversion_steps,
-                                     fixed_point_iters=r.fixed_point_iters, seed=int(s.seed))
+        rec = fam.reconstruct(exp, state, test["x"][:k], test_z[:k], steps=r.inversion_steps,
+                              fixed_point_iters=r.fixed_point_iters, seed=int(s.seed))
         png = image_grid(np.concatenate([test["x"][:k], rec["inverted"], rec["noise"]]),
                          os.path.join(out, "reconstructions.png"), ncol=k)
         rep.add_image("Reconstructions", rel(png),
@@ -172,10 +161,10 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
                                      "mse_noise": rec["mse_noise"]}
         m = min(int(r.num_interpolations), len(test["x"]) // 2)
         progress(f"report: interpolating {m} pairs")
-        path, w = ae_lib.interpolations(exp, state, test["x"][:m], test["x"][m:2 * m],
-                                        test_z[:m], test_z[m:2 * m], steps=r.inversion_steps,
-                                        points=int(r.interpolation_points),
-                                        fixed_point_iters=r.fixed_point_iters)
+        path, w = fam.interpolate(exp, state, test["x"][:m], test["x"][m:2 * m],
+                                  test_z[:m], test_z[m:2 * m], steps=r.inversion_steps,
+                                  points=int(r.interpolation_points),
+                                  fixed_point_iters=r.fixed_point_iters)
         grid = np.transpose(path, (1, 0, 2, 3, 4)).reshape(-1, *path.shape[2:])
         png = image_grid(grid, os.path.join(out, "interpolations.png"), ncol=len(w))
         rep.add_image("Interpolations", rel(png),

@@ -16,16 +16,16 @@ from diffusion_jax.cli.pretrained import initial_state
 
 # --------------------------------------------------------------------------------- train
 def _sample_latents(exp, state, source, n: int, seed: int):
-    """Latents for the sample grids during training: the prior's for binary / Gaussian latents,
-    the first n training images' own z for continuous ones (no latent sampler yet)."""
+    """What the family's generation needs for the sample grids during training
+    (`ModelFamily.generation_latents`; None for most families): an autoencoder's prior latents,
+    or for continuous latents (no latent sampler yet) the first n training images' own z."""
     import numpy as np
-    from diffusion_jax.cli.autoencoder import encode_images, generation_latents
-    from diffusion_jax.cli.experiment import autoencoder_choices
     from diffusion_jax.data import to_model_input
-    if autoencoder_choices(exp.config)["latent"] != "continuous":
-        return generation_latents(exp, n, seed)[0]
-    x = to_model_input(source.get_batch(np.arange(n) % len(source)))["x"]
-    return encode_images(exp, state, x)
+
+    def first_images(k):
+        return to_model_input(source.get_batch(np.arange(k) % len(source)))["x"]
+
+    return exp.family.generation_latents(exp, state, n, seed, train_images=first_images)[0]
 
 
 def _install_stop_handler():
@@ -150,8 +150,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
         train_step = T.make_train_step(make_loss_fn(exp), exp.tx, exp.schedule,
                                        grad_accum_steps=exp.opt_cfg.grad_accum_steps,
                                        ema_warmup=bool(config.ema.warmup),
-                                       grad_norm_groups=(("encoder", "decoder") if exp.is_autoencoder
-                                                         else ()))
+                                       grad_norm_groups=exp.family.grad_norm_groups)
         compiled = T.compile_train_step(train_step, exp.abstract, spec, exp.mesh)
         say(f"train step compiled in {compiled.compile_seconds:.1f}s; training steps "
              f"{step + 1}..{tc.num_steps} on {jax.device_count()} device(s), mesh "
@@ -187,8 +186,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
                 try:
                     n = int(config.sample.num_samples)
-                    z = (_sample_latents(exp, state, source, n, int(config.sample.seed))
-                         if exp.is_autoencoder else None)
+                    z = _sample_latents(exp, state, source, n, int(config.sample.seed))
                     x, _ = generate(exp, eps_fn, sampling_params(exp, state), n,
                                     int(config.sample.seed), z=z)
                 except FloatingPointError as e:       # an early model may diverge: keep training

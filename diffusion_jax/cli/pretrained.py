@@ -77,7 +77,7 @@ def _check_run(config, path: str) -> None:
         raise cv.ConfigError(f"{spec} is a UNet; config.model.type is {config.model.type!r}")
     from diffusion_jax.models import family_for
     family = family_for(config)
-    if not family.accepts_pretrained_denoiser:
+    if not family.image_denoiser:
         raise cv.ConfigError(f"{spec}: a diffusers UNet2DModel is a plain denoiser; the model "
                              f"family {family.name!r} (config.model.family, config.autoencoder.kind="
                              f"{config.autoencoder.kind!r}) cannot start from it")

@@ -63,9 +63,11 @@ def run_sdedit(config, workdir: str, step: int | None) -> dict:
     from diffusion_jax.reports import image_grid
     from diffusion_jax.sampling.sdedit import sdedit, t0_from_fraction
 
-    if config.autoencoder.kind != "none":
+    from diffusion_jax.models import family_for
+    family = family_for(config)
+    if not family.image_denoiser:
         raise CLIError("--mode=sdedit needs a plain diffusion model (autoencoder.kind='none'); this run's "
-                       f"denoiser is an autoencoder's decoder ({config.autoencoder.kind!r})")
+                       f"model family {family.name!r} (config.model.family) is not a plain image denoiser")
     exp, ckpt_step, state = load_run(config, workdir, step)
     c, s = config.sdedit, config.sample
     sampler = c.sampler or s.sampler

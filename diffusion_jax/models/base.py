@@ -1,7 +1,7 @@
 """The model-family interface, the assembled `Model` and the registry.
 
 A family turns a config into what every mode uses; callers go through these methods and the
-capabilities (`has_encoder`, `accepts_pretrained_denoiser`), never through the family's name:
+capabilities (`has_encoder`, `image_denoiser`), never through the family's name:
 
     build_network(image_shape)                    the Flax module
     apply_fn(module), init_variables(...)         the library's network signature; {'params', ...}
@@ -83,12 +83,12 @@ class ModelFamily:
     """One kind of model, built from a config (`family_for(config)`); see the module docstring.
 
     Capabilities: has_encoder (encode / reconstruct / interpolate / manipulate modes, latents in
-    the report and the probe); accepts_pretrained_denoiser (model.init_from's published denoiser
-    weights fit its network); grad_norm_groups (top-level parameter groups whose gradient norms
-    the train step logs)."""
+    the report and the probe); image_denoiser (the network denoises the images alone, with no
+    latents: model.init_from's published UNets fit it, SDEdit's guided sampling applies);
+    grad_norm_groups (top-level parameter groups whose gradient norms the train step logs)."""
     name: ClassVar[str] = ""
     has_encoder: ClassVar[bool] = False
-    accepts_pretrained_denoiser: ClassVar[bool] = False
+    image_denoiser: ClassVar[bool] = False
     grad_norm_groups: ClassVar[tuple] = ()
 
     def __init__(self, config):

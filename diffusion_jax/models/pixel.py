@@ -45,7 +45,7 @@ def example_cond(num_classes):
 @register_family("pixel")
 class PixelDiffusion(ModelFamily):
     """A denoiser on images: eps / x0 / v / score / EDM prediction of config.model's network."""
-    accepts_pretrained_denoiser = True
+    image_denoiser = True
 
     def check_config(self) -> None:
         kind = self.config.autoencoder.kind

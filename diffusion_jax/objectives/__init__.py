@@ -16,6 +16,13 @@ A stateful loss (`is_stateful(loss_fn)`, e.g. the loss-aware hybrid loss) is ins
     weighting.py        loss weights lambda(t) and the error factors between parameterisations
     vdm.py              the VDM ELBO with a learnable schedule
     reflow.py           the k-rectified-flow loss on coupled (data, noise) pairs (Liu et al. 2023)
+    vae.py              diagonal-Gaussian posterior (sample, KL, KL between two), LDM's first-stage loss
+                        without LPIPS / GAN, the latent scale factor 1 / std(z)
+    lsgm.py             LSGM's mixed score and its cross entropy as likelihood-weighted DSM
+                        (importance-sampled t); the prior's update
+    ddgan.py            the denoising diffusion GAN's T-step chain and DDPM posterior, non-saturating
+                        GAN losses, R1 (generation: sampling/ddgan.py)
+(vector quantisation: diffusion_jax.quantization)
 """
 from diffusion_jax.objectives.cld import (
     CLD_OBJECTIVES, CLD_WEIGHTINGS, cld_hsm_loss, cld_scales, cld_score_fn, mixed_score_v, network_output_from_score,
@@ -38,6 +45,13 @@ from diffusion_jax.objectives.time_sampling import (
     update_history,
 )
 from diffusion_jax.objectives.reflow import reflow_loss
+from diffusion_jax.objectives.vae import DiagonalGaussian, first_stage_loss, latent_scale_factor
+from diffusion_jax.objectives.lsgm import (
+    cross_entropy_constant, lsgm_cross_entropy, lsgm_prior_loss, mixed_score_eps, normal_prior_eps,
+)
+from diffusion_jax.objectives.ddgan import (
+    DDGANSchedule, ddgan_betas, discriminator_loss, generator_loss, r1_penalty,
+)
 from diffusion_jax.objectives.vdm import elbo_bpd, vdm_elbo_loss
 from diffusion_jax.objectives.weighting import (
     PREDICTIONS, WEIGHTINGS, eps_factor, loss_weight, min_snr_weight, snr,
@@ -57,5 +71,8 @@ __all__ = [
     "hybrid_loss", "hybrid_loss_state", "is_stateful", "HYBRID_TIME_SAMPLINGS", "VBSchedule", "vb_schedule",
     "vb_timesteps", "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood",
     "split_learned_variance", "learned_variance_eps_fn", "learned_variance_pair_fn",
+    "DiagonalGaussian", "first_stage_loss", "latent_scale_factor", "mixed_score_eps", "normal_prior_eps",
+    "cross_entropy_constant", "lsgm_cross_entropy", "lsgm_prior_loss", "DDGANSchedule", "ddgan_betas",
+    "discriminator_loss", "generator_loss", "r1_penalty",
 ]
 

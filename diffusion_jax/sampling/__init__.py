@@ -16,6 +16,8 @@ prior, builds the grid, runs the jitted sampler and checks its output.
     unipc.py               UniPC (bh2)
     sdedit.py              SDEdit: perturb a guide to t0, solve back with any sampler; the t0 sweep
     reflow.py              rectified flow's reflow: ODE (data, noise) pairs, straightness, one-step sample
+    ddgan.py               the denoising diffusion GAN's T-step generation (generator x0 + DDPM posterior;
+                           its own signature, not in SAMPLERS)
     guidance.py            classifier-free and classifier guidance wrappers
     grids.py               time-step spacings
     optimized_grid.py      time grids fitted to a sampler and denoiser (`optimize_time_grid`)

@@ -185,6 +185,29 @@ def test_dead_code_restart():
     np.testing.assert_allclose(np.asarray(state.codebook[:3]), np.asarray(ref.codebook[:3]), rtol=1e-6)
 
 
+def test_vector_quantizer_layer():
+    from diffusion_jax.networks.vq import VectorQuantizer
+    z = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 3, 4)), jnp.float32)
+    vq = VectorQuantizer(num_codes=8, dim=4, beta=0.5)
+    var = vq.init(jax.random.PRNGKey(0), z)
+    (z_st, aux) = vq.apply(var, z)
+    ref = Q.quantize(z, var["params"]["codebook"], beta=0.5)
+    np.testing.assert_allclose(np.asarray(z_st), np.asarray(ref.z_q), atol=1e-7)
+    np.testing.assert_allclose(float(aux["loss"]), float(ref.codebook_loss + ref.commitment_loss), rtol=1e-6)
+    ema = VectorQuantizer(num_codes=8, dim=4, ema_decay=0.9, dead_after=1)
+    var = ema.init(jax.random.PRNGKey(0), z)
+    st = Q.VQEMAState(**var["vq_stats"])
+    (_, aux), upd = ema.apply(var, z, train=True, mutable=["vq_stats"], rngs={"vq": jax.random.PRNGKey(1)})
+    want, _ = Q.ema_step(st, z, jax.random.PRNGKey(1), decay=0.9, dead_after=1)
+    for n in Q.VQEMAState._fields:
+        np.testing.assert_allclose(np.asarray(upd["vq_stats"][n]), np.asarray(getattr(want, n)), rtol=1e-6)
+    assert float(aux["loss"]) == pytest.approx(float(aux["commitment_loss"]))
+    _, same = ema.apply(var, z, mutable=["vq_stats"])                   # eval call: no update
+    np.testing.assert_array_equal(np.asarray(same["vq_stats"]["codebook"]), np.asarray(st.codebook))
+    with pytest.raises(ValueError, match="embedding dim 4 does not match"):
+        vq.init(jax.random.PRNGKey(0), jnp.zeros((2, 5)))
+
+
 # -------------------------------------------------------------------------------------- LSGM
 def test_mixed_score_parameterisation():
     proc = VPLinear()

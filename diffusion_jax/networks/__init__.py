@@ -27,13 +27,14 @@ from diffusion_jax.networks.mlp import TIME_CONDITIONINGS, MLPSkipNet
 from diffusion_jax.networks.partitioning import (DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXIS_NAMES,
                                                  logical_param_specs, param_shardings)
 from diffusion_jax.networks.unet import Z_MODES, FeatureInfo, UNet
+from diffusion_jax.networks.vq import VectorQuantizer
 
 __all__ = [
     "UNet", "DiT", "DiTBlock", "ResBlock", "AttnBlock", "Downsample", "Upsample", "FeatureInfo",
     "Z_MODES", "DIT_SIZES", "dit_config", "make_dit", "sinusoidal_embedding", "fourier_embedding",
     "timestep_embedding", "sincos_2d_posemb", "DEFAULT_LOGICAL_AXIS_RULES", "LOGICAL_AXIS_NAMES",
     "logical_param_specs", "param_shardings", "make_apply_fn", "init_params", "abstract_variables",
-    "block_names", "MLPSkipNet", "TIME_CONDITIONINGS",
+    "block_names", "MLPSkipNet", "TIME_CONDITIONINGS", "VectorQuantizer",
 ]
 
 

@@ -34,7 +34,8 @@ Then, with the EMA parameters of the final checkpoints:
      validation accuracy) and every block concatenated at that t, each max-pooled (READOUT_POOL)
      and mean-pooled (DDAE's own), DiffAE z_sem and the DMZ code;
   3. reconstruction MSE of DiffAE and DMZ from (z, x_T = DDIM^{-1}(x0 | z)) and from (z, fresh
-     noise) (`cli.autoencoder.reconstructions`), on the first test images;
+     noise) (`cli.autoencoder.reconstructions`), on the first test images, and the class
+     agreement of the fresh-noise reconstructions with their originals (the quality classifier);
   4. sample grids: bench/results/representations/<dataset>/<model>.png (DDPM and DMZ: ancestral,
      100 steps; DiffAE: DDIM 50 steps from z of DiffAE's latent DDIM) and reconstructions;
   5. DMZ vs DDPM sample quality: ancestral sampling with 10 / 20 / 50 / 100 respaced steps, learned
@@ -246,10 +247,12 @@ def representations(models: dict, train: dict, test: dict, z: dict, spec: Datase
 
 def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: int,
                    gen_steps, seed: int, out_dir: str, classifier_steps: int,
-                   dmz_train_z=None) -> dict:
+                   dmz_train_z=None, agreement: dict | None = None) -> dict:
     """FD / KD between classifier features of `num_gen` samples and of the test split, for DDPM
     and DMZ (z ~ Bernoulli(1/2), and with `dmz_train_z` also z ~ the per-bit frequencies of those
-    training codes) at each number of ancestral steps; writes the 100-step (largest) grids."""
+    training codes) at each number of ancestral steps; writes the 100-step (largest) grids.
+    `agreement` {model: (originals, reconstructions)}: the fraction of reconstructions given the
+    class of their original by the same classifier (out['agreement'])."""
     from diffusion_jax.autoencoders import bit_frequencies, sample_binary_prior
     t0 = time.perf_counter()
     k = int(max(train_full["label"].max(), test_full["label"].max())) + 1
@@ -265,7 +268,9 @@ def sample_quality(models: dict, train_full: dict, test_full: dict, *, num_gen: 
            "num_generated": num_gen, "num_reference": int(len(ref)),
            "floor": {"fd": frechet_distance(ref, floor_feats), "kd": kd(floor_feats)[0],
                      "num_train_images": m},
-           "rows": []}
+           "rows": [], "agreement": {}}
+    for label, (orig, rec) in (agreement or {}).items():
+        out["agreement"][label] = float(np.mean(net.predict(rec) == net.predict(orig)))
     print(f"quality: feature classifier test accuracy {out['classifier']['test_accuracy']:.3f}; "
           f"floor FD {out['floor']['fd']:.3f}", flush=True)
     variants = [("ddpm", "DDPM", None), ("dmz", "DMZ", None)]
@@ -376,7 +381,7 @@ def run_dataset(dataset: str, args, log) -> dict:
     res["timings"]["representations"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    res["reconstruction"] = {}
+    res["reconstruction"], recs = {}, {}
     n_rec = min(args.num_rec, len(test["x"]))
     for name in ("diffae", "dmz"):
         exp, state = models[name]
@@ -390,6 +395,7 @@ def run_dataset(dataset: str, args, log) -> dict:
         res["reconstruction"][NAMES[name]] = {"mse_inverted": rec["mse_inverted"],
                                               "mse_noise": rec["mse_noise"], "num_images": n_rec,
                                               "inversion_steps": cfg.report.inversion_steps}
+        recs[NAMES[name]] = (test["x"][:n_rec], rec["noise"])
     res["timings"]["reconstruction"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -403,7 +409,10 @@ def run_dataset(dataset: str, args, log) -> dict:
     res["quality"] = sample_quality(models, train_full, test_full, num_gen=args.num_gen,
                                     gen_steps=args.gen_steps, seed=args.seed, out_dir=out_dir,
                                     classifier_steps=args.classifier_steps,
-                                    dmz_train_z=z["dmz"]["train"] if "dmz" in z else None)
+                                    dmz_train_z=z["dmz"]["train"] if "dmz" in z else None,
+                                    agreement=recs)
+    for m, a in res["quality"]["agreement"].items():
+        res["reconstruction"][m]["class_agreement_noise"] = a
     res["timings"]["quality"] = time.perf_counter() - t1
     res["images"] = sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
                            if f.endswith(".png"))
@@ -450,7 +459,9 @@ def print_tables(results: list[dict]) -> None:
 
         print(f"\n## {ds}: reconstruction MSE (per pixel, images in [-1, 1])")
         rows = [{"model": m, "from (z, inverted x_T)": r["mse_inverted"],
-                 "from (z, fresh noise)": r["mse_noise"], "images": r["num_images"]}
+                 "from (z, fresh noise)": r["mse_noise"],
+                 "class agreement (z, fresh noise)": r.get("class_agreement_noise", ""),
+                 "images": r["num_images"]}
                 for m, r in res["reconstruction"].items()]
         print(_md_table(rows, list(rows[0])))
 

@@ -90,11 +90,16 @@ def _objective(config, process, apply_fn, module, *, train: bool = True):
     return family_for(config).objective(process, apply_fn, module, train=train)
 
 
-def build_experiment(config, image_shape) -> Experiment:
+def build_experiment(config, image_shape, *, repa_target=None) -> Experiment:
+    """The model of `config` for images of `image_shape` with its optimiser, mesh and abstract
+    state; repa_target: REPA's frozen encoder x0 -> features for training (cli.alignment)."""
     import flax.linen as nn
     from diffusion_jax import training as T
 
-    model = family_for(config).build(image_shape)
+    family = family_for(config)
+    if repa_target is not None:
+        family.repa_target = repa_target
+    model = family.build(image_shape)
 
     def init_model_state_fn(key):
         return model.init_model_state(nn.unbox(model.init_variables(key)))

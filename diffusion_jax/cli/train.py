@@ -102,7 +102,9 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
 
     t_start = time.perf_counter()
     source = open_split(config, "train")          # fails fast if the dataset is not prepared
-    exp = build_experiment(config, image_shape_of(source))
+    from diffusion_jax.cli.alignment import resolve_repa_target
+    repa = resolve_repa_target(config, image_shape_of(source))      # sets config.repa.dim
+    exp = build_experiment(config, image_shape_of(source), repa_target=repa and repa[0])
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     loader = make_loader(source, batch_size=config.data.batch_size, seed=config.train.seed,

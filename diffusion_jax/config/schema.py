@@ -417,6 +417,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "loss": Field(str, "l1", choices=("l1", "l2")),
         "sample_steps": Field(int, 50, check=_positive),
     },
+    "repa": {                         # REPA (Yu et al. 2025) while training a 'pixel' UNet
+        "weight": Field(float, 0.0, check=_non_negative,
+                        doc="lambda of L + lambda (1 - cos(h(f(x_t)), y(x0))) (paper: 0.5); 0: off"),
+        "block": Field(str, "", doc="the UNet block aligned (a sown name, e.g. 'down_1_0'); '': the "
+                                    "first block of the second level (REPA aligns an early block)"),
+        "target": Field(str, "", doc="the frozen encoder y: 'run:<workdir>', the (EMA) encoder of a "
+                                     "trained autoencoder run (its z); any Flax encoder through "
+                                     "readouts.repa_loss"),
+        "dim": Field(int, 0, check=_non_negative,
+                     doc="the target features' width; 0: read from the target when training starts "
+                         "(then saved with the config, so the other modes need no target)"),
+        "hidden": Field(int, 0, check=_non_negative, doc="projector MLP width; 0: 4 model.ch"),
+    },
     "readout": {
         "timesteps": Field(tuple, (0.02, 0.1, 0.3), item=float,
                            doc="noise levels t of the (t, block) feature sweep"),

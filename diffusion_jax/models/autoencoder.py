@@ -62,6 +62,10 @@ class DiffusionAutoencoderFamily(ModelFamily):
         if self.config.autoencoder.kind == "none":
             raise cv.ConfigError("config.model.family='autoencoder' needs config.autoencoder.kind "
                                  "'diffae' or 'dmz', got 'none'")
+        r = self.config.get("repa", None)
+        if r is not None and r.weight > 0:
+            raise cv.ConfigError("config.repa.weight > 0 aligns a plain diffusion UNet with a frozen "
+                                 "encoder ('pixel' family); this config is an autoencoder")
 
     def title(self) -> str:
         return {"diffae": "DiffAE", "dmz": "DMZ"}.get(self.config.autoencoder.kind, "Autoencoder")

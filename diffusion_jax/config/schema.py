@@ -407,6 +407,23 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "prior": Field(str, "bernoulli", choices=("bernoulli", "empirical"),
                        doc="binary latents for generation: Bernoulli(0.5) or per-bit frequencies"),
     },
+    "first_stage": {                  # model.family='latent' (LDM): the KL autoencoder of the latents
+        "block_out_channels": Field(tuple, (32, 64), item=int,
+                                    doc="AutoencoderKL levels (image side / latent side = 2^(levels - 1))"),
+        "layers_per_block": Field(int, 1, check=_positive),
+        "latent_channels": Field(int, 4, check=_positive),
+        "norm_num_groups": Field(int, 8, check=_positive, doc="divides every block_out_channels"),
+        "mid_attention": Field(bool, False, doc="attention in the middle block (LDM: True)"),
+        "kl_weight": Field(float, 1e-6, check=_non_negative, doc="LDM's KL-f configs: 1e-6"),
+        "reconstruction": Field(str, "l1", choices=("l1", "l2"),
+                                doc="per-pixel loss (perceptual-free LDM: no LPIPS, no patch GAN)"),
+        "steps": Field(int, 0, check=_non_negative,
+                       doc="train steps of the first stage; then it is frozen and the diffusion "
+                           "model trains on its scaled latents for the remaining steps"),
+        "scale_factor": Field(float, None, optional=True, check=_positive,
+                              doc="latent scale; None: 1 / std of the first diffusion-stage batch "
+                                  "of latents (LDM's scale_by_std)"),
+    },
     "latent_sampler": {
         "num_steps": Field(int, 0, check=_non_negative,
                            doc="train steps of DiffAE's latent DDIM after the autoencoder; 0: off"),

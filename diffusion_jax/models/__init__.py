@@ -17,6 +17,8 @@ capabilities and never branch on its name:
     pixel.py        'pixel': a diffusion model on the images (UNet / DiT; classes, guidance,
                     learned variance)
     autoencoder.py  'autoencoder': DiffAE / DMZ (encoder + z-conditioned decoder, latent prior)
+    latent.py       'latent': latent diffusion (LDM): KL-autoencoder first stage, then a UNet / DiT
+                    on its scaled latents; generation decodes
 
 config.model.family None (every config and checkpoint written before the field) resolves to
 'autoencoder' when config.autoencoder.kind is not 'none', else 'pixel'.
@@ -24,8 +26,9 @@ config.model.family None (every config and checkpoint written before the field) 
 Adding a family: a module models/<name>.py with a `ModelFamily` subclass decorated with
 `@register_family('<name>')` that overrides what differs from the defaults (network, init,
 objective; its own prior and `generate`; `state_structure` for what its checkpoint holds), one
-import line below, and a config that sets model.family='<name>'. Planned (issue 15): latent
-diffusion (LDM), LSGM, DiVAE, DDGAN; a phase-space process such as CLD would be a 'cld' family.
+import line below, and a config that sets model.family='<name>'. Planned (issue 15):
+LSGM, DiVAE, DDGAN (their maths: objectives/vae.py, lsgm.py, ddgan.py, quantization.py); a
+phase-space process such as CLD would be a 'cld' family.
 
 Layering: above networks, autoencoders, objectives, processes and sampling; below cli and bench,
 which use it; never imports cli. From training it reads only the train state's layout (EMA keys,
@@ -33,7 +36,7 @@ host gathering), lazily; training never imports models.
 """
 from diffusion_jax.models.base import (Model, ModelFamily, family_for, family_name, get_family,
                                        register_family, registered_families, sampling_params)
-from diffusion_jax.models import pixel, autoencoder  # noqa: F401,E402  (register the families)
+from diffusion_jax.models import pixel, autoencoder, latent  # noqa: F401,E402  (register the families)
 from diffusion_jax.models.autoencoder import DiffusionAutoencoderFamily, autoencoder_choices
 from diffusion_jax.models.pixel import PixelDiffusion
 

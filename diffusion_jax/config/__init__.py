@@ -20,6 +20,9 @@ one with every field at its default; the files in `configs/` start from it):
     sample       sampler (`diffusion_jax.sampling.SAMPLERS`), num_steps, spacing, t_end,
                  num_samples, batch_size, denoise_final, guidance_scale, use_ema, seed, and
                  kwargs (the sampler's options, e.g. snr for 'pc')
+    sdedit       --mode=sdedit: t0s (fractions of the time range), sampler, full_steps, guide
+                 'downsample' | 'noise' | 'clean', factor, noise_std, num_images, split,
+                 classifier_steps, seed
     eval         split, batch_size, num_batches, bpd, bpd_num_examples, bpd_repeats, bpd_t_min
     distributed  coordinator_address, num_processes, process_id (None: single process)
     autoencoder  kind 'none' | 'diffae' | 'dmz' and the design axes: encoder, latent, z_dim,

@@ -73,5 +73,6 @@ def get_config():
     sample.num_samples = 64
     sample.batch_size = 64
 
+    config.report.probe = False        # the readout sweep noises images; this denoiser reads latents
     config.eval.num_batches = 0
     return config

@@ -31,6 +31,7 @@ def tiny_config():
     fs.steps = K
     c.train.num_steps = 10
     c.sample.sampler, c.sample.num_steps, c.sample.batch_size = "ddim", 2, 2
+    c.report.probe = False
     return cv.validate(c)
 
 
@@ -93,6 +94,11 @@ def test_latent_family_refuses_bad_configs():
     c.unlock()
     c.first_stage.norm_num_groups = 3
     with pytest.raises(cv.ConfigError, match="norm_num_groups=3"):
+        M.family_for(c)
+    c = tiny_config()
+    c.unlock()
+    c.report.probe = True
+    with pytest.raises(cv.ConfigError, match=r"report\.probe=False"):
         M.family_for(c)
 
 

@@ -106,6 +106,9 @@ class LatentDiffusion(ModelFamily):
         r = c.get("repa", None)
         if r is not None and r.weight > 0:
             raise cv.ConfigError("config.repa.weight > 0 is for the 'pixel' family")
+        if c.report.enabled and c.report.probe:
+            raise cv.ConfigError("config.report.probe: the readout sweep noises images, but this "
+                                 "denoiser reads noised latents; set config.report.probe=False")
 
     def title(self) -> str:
         return "Latent diffusion (LDM)"
@@ -205,7 +208,10 @@ class LatentDiffusion(ModelFamily):
         return {"first_stage": {k: fs.get(k, v) for k, v in _SHAPING.items()}}
 
     def readout_network(self, model: Model, params, z=None):
-        return model.module.denoiser, params["denoiser"], None
+        """Not available: `readouts.probe_sweep` noises the images it is given, while this
+        denoiser's input is a noised latent (the sweep would need an images -> latents map)."""
+        raise cv.ConfigError("the latent family has no readout network for image probes "
+                             "(config.report.probe=False)")
 
     # ---------------------------------------------------------------------- first stage
     def _jitted(self, model: Model, name: str):

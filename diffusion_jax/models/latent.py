@@ -235,20 +235,36 @@ class LatentDiffusion(ModelFamily):
         import numpy as np
         return np.asarray(self._jitted(model, "decode")(params, jnp.asarray(z, jnp.float32) / scale))
 
-    def scale_factor(self, model: Model, state=None) -> float:
+    def scale_factor(self, model: Model, state=None, params=None) -> float:
         """s: config.first_stage.scale_factor, else the train state's model_state['scale'] (also
-        remembered from the last `generation_latents` call)."""
+        remembered from the last `generation_latents` call), else (`generate` without a state, as
+        --mode=sample calls it) re-estimated by LDM's rule from `params`' first stage on the first
+        1 024 training images (posterior samples, key 0), with a warning: that estimate differs
+        from the trained s by the sampling error of a std (~1%)."""
         fs = self.config.first_stage
         if fs.scale_factor is not None:
             return float(fs.scale_factor)
         ms = getattr(state, "model_state", None)
         if isinstance(ms, dict) and "scale" in ms:
             model.cache["scale_factor"] = float(ms["scale"])
-        if "scale_factor" not in model.cache:
+        if "scale_factor" in model.cache:
+            return model.cache["scale_factor"]
+        if params is None:
             raise ValueError("the latent scale factor is unknown: pass scale= to generate, call "
                              "generation_latents(model, state, ...) first, or set "
                              "config.first_stage.scale_factor")
-        return model.cache["scale_factor"]
+        import warnings
+
+        import jax
+        from diffusion_jax.models.autoencoder import train_images
+        from diffusion_jax.objectives.vae import latent_scale_factor
+        x = train_images(self.config, 1024)
+        z = self.encode_latents(model, params, x, key=jax.random.PRNGKey(0))
+        s = float(latent_scale_factor(z))
+        warnings.warn(f"latent family: the train state's scale factor was not given to generate; "
+                      f"re-estimated s = {s:.4g} from {len(x)} training images", stacklevel=2)
+        model.cache["scale_factor"] = s
+        return s
 
     def generation_latents(self, model: Model, state, n: int, seed: int, *, train_z=None,
                            latent_sampler=None, train_images=None):
@@ -266,7 +282,7 @@ class LatentDiffusion(ModelFamily):
         import numpy as np
         if z is not None:
             raise ValueError("the latent family draws its own latent noise; generate takes no z")
-        s = float(scale) if scale is not None else self.scale_factor(model)
+        s = float(scale) if scale is not None else self.scale_factor(model, params=params)
         lat_model = dataclasses.replace(model, image_shape=self.latent_shape(model.image_shape))
         lat, labels = super().generate(lat_model, eps_fn, params, n, seed, num_steps=num_steps,
                                        sampler=sampler)

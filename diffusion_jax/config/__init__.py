@@ -8,10 +8,12 @@ one with every field at its default; the files in `configs/` start from it):
     model        type 'unet' | 'dit' and that network's fields (`UNET_FIELDS` / `DIT_FIELDS`),
                  family (`diffusion_jax.models`; None: 'autoencoder' if autoencoder.kind
                  is not 'none', else 'pixel'), init_from
-    process      name (`diffusion_jax.processes.PROCESSES`) and kwargs (the process' fields)
-    objective    name (`OBJECTIVES`: 'eps' 'x0' 'v' 'dsm' 'edm' 'hybrid') and kwargs (the
-                 factory's options), label_dropout (classifier-free guidance training); 'hybrid'
-                 (improved DDPM, learned variance) doubles the network's output channels
+    process      name (`diffusion_jax.processes.PROCESSES`, or the phase-space 'cld') and kwargs
+                 (the process' fields)
+    objective    name (`OBJECTIVES`: 'eps' 'x0' 'v' 'flow' 'dsm' 'edm' 'hybrid' 'cld_hsm') and kwargs
+                 (the factory's options), label_dropout (classifier-free guidance training); 'hybrid'
+                 (improved DDPM, learned variance) doubles the network's output channels; 'cld_hsm'
+                 goes with process 'cld' and nothing else (`PHASE_SPACE_OBJECTIVES`)
     optim        AdamW: learning_rate, betas, eps, weight_decay, warmup_steps, schedule
                  'constant' | 'cosine', end_lr_factor, grad_clip (0 = off), grad_accum
     ema          decays (tuple), warmup (bool), halflife_mimg (EDM-style: derives the decay)
@@ -20,6 +22,7 @@ one with every field at its default; the files in `configs/` start from it):
     sample       sampler (`diffusion_jax.sampling.SAMPLERS`), num_steps, spacing, t_end,
                  num_samples, batch_size, denoise_final, guidance_scale, use_ema, seed, and
                  kwargs (the sampler's options, e.g. snr for 'pc')
+    cld          model.family='cld': sampler 'sscs' | 'em' | 'ode', striding, ode_solver, score_time
     sdedit       --mode=sdedit: t0s (fractions of the time range), sampler, full_steps, guide
                  'downsample' | 'noise' | 'clean', factor, noise_std, num_images, split,
                  classifier_steps, seed
@@ -55,14 +58,14 @@ from diffusion_jax.config.loading import (
 )
 from diffusion_jax.config.schema import (
     AUTOENCODER_KINDS, DIT_FIELDS, ENCODER_TYPES, LATENT_TYPES, MESH_AXIS_NAMES, MODEL_FIELDS, MODEL_TYPES,
-    OBJECTIVES, PRECISIONS, SCHEMA, UNET_FIELDS, ConfigError, Field, ObjectiveSpec, base_config,
+    OBJECTIVES, PHASE_SPACE_OBJECTIVES, PRECISIONS, SCHEMA, UNET_FIELDS, ConfigError, Field, ObjectiveSpec, base_config,
     ema_decay_from_halflife, objective_prediction, suggest,
 )
 from diffusion_jax.config.validate import build_objective, build_process, kwargs_dict, validate
 
 __all__ = [
     "AUTOENCODER_KINDS", "DIT_FIELDS", "ENCODER_TYPES", "LATENT_TYPES", "MESH_AXIS_NAMES", "MODEL_FIELDS",
-    "MODEL_TYPES", "OBJECTIVES", "PRECISIONS", "SCHEMA", "UNET_FIELDS", "ConfigError", "Field", "ObjectiveSpec",
+    "MODEL_TYPES", "OBJECTIVES", "PHASE_SPACE_OBJECTIVES", "PRECISIONS", "SCHEMA", "UNET_FIELDS", "ConfigError", "Field", "ObjectiveSpec",
     "apply_overrides", "base_config", "build_objective", "build_process", "check_override_paths",
     "ema_decay_from_halflife", "from_dict", "kwargs_dict", "load_config", "load_file", "objective_prediction",
     "suggest", "validate",

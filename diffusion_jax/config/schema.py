@@ -65,8 +65,33 @@ def _dataset_names() -> tuple[str, ...]:
 
 
 def _process_names() -> tuple[str, ...]:
-    from diffusion_jax.processes import PROCESSES  # pylint: disable=import-outside-toplevel
-    return tuple(sorted(PROCESSES))
+    """The scalar processes (`processes.PROCESSES`) and the phase-space ones (`PHASE_SPACE_PROCESSES`:
+    'cld', trained only by their own objective, see `PHASE_SPACE_OBJECTIVES`)."""
+    from diffusion_jax.processes import PHASE_SPACE_PROCESSES, PROCESSES  # pylint: disable=import-outside-toplevel
+    return tuple(sorted({**PROCESSES, **PHASE_SPACE_PROCESSES}))
+
+
+def _cld_choices(name: str) -> Callable[[], tuple]:
+    def choices():
+        from diffusion_jax.objectives import cld  # pylint: disable=import-outside-toplevel
+        return getattr(cld, name)
+    return choices
+
+
+def _cld_samplers() -> tuple[str, ...]:
+    from diffusion_jax.sampling.cld import CLD_SAMPLERS  # pylint: disable=import-outside-toplevel
+    return tuple(CLD_SAMPLERS)
+
+
+def _cld_option(name: str) -> Callable[[], tuple]:
+    def choices():
+        from diffusion_jax.sampling import cld  # pylint: disable=import-outside-toplevel
+        return getattr(cld, name)
+    return choices
+
+
+def _open_unit(v):
+    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
 
 
 def _sampler_names() -> tuple[str, ...]:
@@ -186,7 +211,20 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         "p_std": Field(float, 1.2, check=_positive),
         "reduce": _REDUCE,
     }, takes_process=False),
+    # Critically-damped Langevin diffusion (phase space; only with process 'cld', models/cld.py):
+    # the network output alpha gives the velocity score -v / Sigma_vv - alpha / ell_vv.
+    "cld_hsm": ObjectiveSpec("cld_hsm_loss", "cld_score", {
+        "objective": Field(str, "hsm", choices=_cld_choices("CLD_OBJECTIVES"),
+                           doc="'hsm': hybrid score matching (v0 marginalised, the paper's); 'dsm'"),
+        "weighting": Field(str, "eps", choices=_cld_choices("CLD_WEIGHTINGS"),
+                           doc="'eps' (official reweightedv2), 'eps_beta' (reweightedv1), 'likelihood'"),
+        "mixed_score": Field(bool, True, doc="s = -v / Sigma_vv - alpha / ell_vv (else -alpha / ell_vv)"),
+        "loss_eps": Field(float, 1e-5, check=_open_unit, doc="t ~ U(loss_eps, 1)"),
+        "reduce": _REDUCE,
+    }),
 }
+# Phase-space processes and the one objective that trains each (config cross-check).
+PHASE_SPACE_OBJECTIVES: dict[str, str] = {"cld": "cld_hsm"}
 
 
 def objective_prediction(objective_cfg) -> str:
@@ -338,6 +376,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "guidance_scale": Field(float, 1.0, doc="classifier-free guidance; 1 = plain conditional"),
         "use_ema": Field(bool, True),
         "seed": Field(int, 0),
+    },
+    "cld": {                          # model.family='cld': the phase-space samplers (sampling/cld.py)
+        "sampler": Field(str, "sscs", choices=_cld_samplers,
+                         doc="'sscs' (symmetric splitting, the paper's), 'em' (Euler-Maruyama) or 'ode' "
+                             "(the probability-flow ODE, fixed steps); sample.num_steps steps, a final "
+                             "denoising step when sample.denoise_final; config.sample.sampler is unused"),
+        "striding": Field(str, "linear", choices=_cld_option("STRIDINGS"),
+                          doc="time grid: 'linear' or the official 'quadratic' (fine steps near t = 0)"),
+        "ode_solver": Field(str, "heun", choices=_cld_option("PF_SOLVERS"), doc="sampler 'ode'"),
+        "score_time": Field(str, "mid", choices=_cld_option("SCORE_TIMES"),
+                            doc="sampler 'sscs': score at the step midpoint, or its start (official)"),
     },
     "sdedit": {                       # --mode=sdedit (cli/sdedit.py, Meng et al. 2022)
         "t0s": Field(tuple, (0.2, 0.35, 0.5, 0.65, 0.8, 1.0), item=float, check=_t0s_check,

@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 import ml_collections
 
 from diffusion_jax.config.schema import (
-    MODEL_FIELDS, OBJECTIVES, SCHEMA, ConfigError, Field, _dataset_names, _describe, _type_name,
+    MODEL_FIELDS, OBJECTIVES, PHASE_SPACE_OBJECTIVES, SCHEMA, ConfigError, Field, _dataset_names, _describe, _type_name,
     _unknown_field, _unknown_name, _value, ema_decay_from_halflife, suggest,
 )
 
@@ -108,8 +108,8 @@ def _check_section(config, section: str, fields: Mapping[str, Field], extra: Ite
 
 
 def _kwargs_fields_for_process(name: str) -> dict[str, Field]:
-    from diffusion_jax.processes import PROCESSES  # pylint: disable=import-outside-toplevel
-    cls = PROCESSES[name]
+    from diffusion_jax.processes import PHASE_SPACE_PROCESSES, PROCESSES  # pylint: disable=import-outside-toplevel
+    cls = {**PROCESSES, **PHASE_SPACE_PROCESSES}[name]
     out = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -183,7 +183,21 @@ def _dummy_apply(params, x, t, cond=None, *, train=False, rng=None):  # noqa: AR
     return x
 
 
+def _check_phase_space(config):
+    """A phase-space process (CLD) is trained by its own objective only, and that objective by it."""
+    process, objective = config.process.name, config.objective.name
+    wanted = PHASE_SPACE_OBJECTIVES.get(process)
+    if wanted is not None and objective != wanted:
+        raise ConfigError(f"config.objective.name={objective!r} cannot train the phase-space process "
+                          f"config.process.name={process!r}: use objective {wanted!r}")
+    owners = [p for p, o in PHASE_SPACE_OBJECTIVES.items() if o == objective]
+    if owners and process not in owners:
+        raise ConfigError(f"config.objective.name={objective!r} needs config.process.name="
+                          f"{owners[0]!r} (a phase-space process), got {process!r}")
+
+
 def _check_cross(config):
+    _check_phase_space(config)
     o, t = config.optim, config.train
     if o.schedule == "cosine":
         updates = t.num_steps // o.grad_accum

@@ -197,7 +197,6 @@ def _check_phase_space(config):
 
 
 def _check_cross(config):
-    _check_phase_space(config)
     o, t = config.optim, config.train
     if o.schedule == "cosine":
         updates = t.num_steps // o.grad_accum
@@ -316,6 +315,7 @@ def validate(config: ml_collections.ConfigDict, *, lock: bool = True) -> ml_coll
         _check_kwargs(config, "process", _kwargs_fields_for_process(config.process.name),
                       f"process {config.process.name!r}")
         _check_section(config, "objective", SCHEMA["objective"], extra=("kwargs",))
+        _check_phase_space(config)            # before the kwargs: the pairing is the first error
         spec = OBJECTIVES[config.objective.name]
         _check_kwargs(config, "objective", spec.kwargs, f"objective {config.objective.name!r}")
         _check_section(config, "sample", SCHEMA["sample"], extra=("kwargs",))

@@ -19,9 +19,12 @@ capabilities and never branch on its name:
     autoencoder.py  'autoencoder': DiffAE / DMZ (encoder + z-conditioned decoder, latent prior)
     latent.py       'latent': latent diffusion (LDM): KL-autoencoder first stage, then a UNet / DiT
                     on its scaled latents; generation decodes
+    cld.py          'cld': critically-damped Langevin diffusion, a UNet on (x, v) in phase space
+                    learns the velocity score; generation by SSCS / EM / PF-ODE (no scalar eps)
 
 config.model.family None (every config and checkpoint written before the field) resolves to
-'autoencoder' when config.autoencoder.kind is not 'none', else 'pixel'.
+'cld' when config.process.name is 'cld', 'autoencoder' when config.autoencoder.kind is not
+'none', else 'pixel'.
 
 Adding a family: a module models/<name>.py with a `ModelFamily` subclass decorated with
 `@register_family('<name>')` that overrides what differs from the defaults (network, init,
@@ -36,10 +39,11 @@ host gathering), lazily; training never imports models.
 """
 from diffusion_jax.models.base import (Model, ModelFamily, family_for, family_name, get_family,
                                        register_family, registered_families, sampling_params)
-from diffusion_jax.models import pixel, autoencoder, latent  # noqa: F401,E402  (register the families)
+from diffusion_jax.models import pixel, autoencoder, latent, cld  # noqa: F401,E402  (register the families)
 from diffusion_jax.models.autoencoder import DiffusionAutoencoderFamily, autoencoder_choices
+from diffusion_jax.models.cld import CLDFamily
 from diffusion_jax.models.pixel import PixelDiffusion
 
 __all__ = ["Model", "ModelFamily", "register_family", "get_family", "registered_families",
            "family_name", "family_for", "sampling_params", "PixelDiffusion",
-           "DiffusionAutoencoderFamily", "autoencoder_choices"]
+           "DiffusionAutoencoderFamily", "autoencoder_choices", "CLDFamily"]

@@ -85,18 +85,38 @@ class ModelFamily:
     Capabilities: has_encoder (encode / reconstruct / interpolate / manipulate modes, latents in
     the report and the probe); image_denoiser (the network denoises the images alone, with no
     latents: model.init_from's published UNets fit it, SDEdit's guided sampling applies);
-    grad_norm_groups (top-level parameter groups whose gradient norms the train step logs)."""
+    scalar_eps (`make_eps_fn` gives an eps of a scalar alpha / sigma process: the bits/dim eval
+    through the PF-ODE and the readout sweep use it; False for a phase-space family such as CLD,
+    which generates through `generate` alone, so config.eval.bpd and config.report.probe are
+    refused); grad_norm_groups (top-level parameter groups whose gradient norms the train step
+    logs)."""
     name: ClassVar[str] = ""
     has_encoder: ClassVar[bool] = False
     image_denoiser: ClassVar[bool] = False
+    scalar_eps: ClassVar[bool] = True
     grad_norm_groups: ClassVar[tuple] = ()
 
     def __init__(self, config):
         self.config = config
         self.check_config()
+        self.check_capabilities()
 
     def check_config(self) -> None:
         """ConfigError naming the field when the config does not describe this family."""
+
+    def check_capabilities(self) -> None:
+        """ConfigError naming the field when the config asks for what the family cannot do."""
+        if self.scalar_eps:
+            return
+        why = (f"the model family {self.name!r} has no scalar eps (a denoiser of a scalar alpha / "
+               f"sigma process)")
+        if _get(_get(self.config, "eval"), "bpd", False):
+            raise cv.ConfigError(f"config.eval.bpd: {why}, which the PF-ODE bits/dim needs; set "
+                                 f"config.eval.bpd=False")
+        report = _get(self.config, "report")
+        if _get(report, "enabled", False) and _get(report, "probe", False):
+            raise cv.ConfigError(f"config.report.probe: {why}, which the readout sweep noises images "
+                                 f"with; set config.report.probe=False")
 
     def title(self) -> str:
         return self.name
@@ -338,11 +358,16 @@ def _get(section, key, default=None):
 
 def family_name(config) -> str:
     """config.model.family, or, when unset (every config and checkpoint written before the field),
-    'autoencoder' if config.autoencoder.kind is not 'none', else 'pixel'. Takes a ConfigDict or
-    a JSON dict (a checkpoint's saved config)."""
+    the phase-space process' own family ('cld' for process 'cld'), 'autoencoder' if
+    config.autoencoder.kind is not 'none', else 'pixel'. Takes a ConfigDict or a JSON dict (a
+    checkpoint's saved config)."""
+    from diffusion_jax.processes import PHASE_SPACE_PROCESSES
     name = _get(_get(config, "model"), "family")
     if name:
         return str(name)
+    process = _get(_get(config, "process"), "name")
+    if process in PHASE_SPACE_PROCESSES:
+        return str(process)
     return "autoencoder" if _get(_get(config, "autoencoder"), "kind", "none") != "none" else "pixel"
 
 

@@ -383,3 +383,4 @@ def test_gan_losses_and_r1_closed_form():
 
     ref = np.mean(np.sum((f64(x).reshape(3, -1) @ A) ** 2, axis=1))
     np.testing.assert_allclose(float(G.r1_penalty(quad, x, gamma=2.0)), ref, rtol=1e-4)
+

@@ -28,6 +28,7 @@ from diffusion_jax.networks.partitioning import (DEFAULT_LOGICAL_AXIS_RULES, LOG
                                                  logical_param_specs, param_shardings)
 from diffusion_jax.networks.unet import Z_MODES, FeatureInfo, UNet
 from diffusion_jax.networks.vq import VectorQuantizer
+from diffusion_jax.networks.ddgan_discriminator import TimeConditionalDiscriminator
 
 __all__ = [
     "UNet", "DiT", "DiTBlock", "ResBlock", "AttnBlock", "Downsample", "Upsample", "FeatureInfo",
@@ -35,6 +36,7 @@ __all__ = [
     "timestep_embedding", "sincos_2d_posemb", "DEFAULT_LOGICAL_AXIS_RULES", "LOGICAL_AXIS_NAMES",
     "logical_param_specs", "param_shardings", "make_apply_fn", "init_params", "abstract_variables",
     "block_names", "MLPSkipNet", "TIME_CONDITIONINGS", "VectorQuantizer",
+    "TimeConditionalDiscriminator",
 ]
 
 

@@ -108,17 +108,21 @@ def test_quantize_nearest_straight_through_and_losses():
     np.testing.assert_array_equal(np.asarray(out.indices), IDX)
     np.testing.assert_allclose(np.asarray(out.z_st), CODEBOOK[IDX], atol=1e-7)     # forward: the codes
     # straight-through: d z_st / d z is the identity (and nothing flows into the codebook)
-    jac = jax.jacobian(lambda z: Q.quantize(z, CODEBOOK).z_st)(jnp.asarray(Z))
+    @jax.jit
+    def derivatives(z, e):
+        return (jax.jacobian(lambda z_: Q.quantize(z_, e).z_st)(z),
+                jax.jacobian(lambda e_: Q.quantize(z, e_).z_st)(e),
+                jax.grad(lambda z_: Q.quantize(z_, e, beta=0.25).commitment_loss)(z),
+                jax.grad(lambda e_: Q.quantize(z, e_).codebook_loss)(e))
+
+    jac, jc, gz, ge = derivatives(jnp.asarray(Z), jnp.asarray(CODEBOOK))
     np.testing.assert_allclose(np.asarray(jac).reshape(10, 10), np.eye(10), atol=0)
-    jc = jax.jacobian(lambda e: Q.quantize(jnp.asarray(Z), e).z_st)(jnp.asarray(CODEBOOK))
     assert float(jnp.max(jnp.abs(jc))) == 0.0
     # losses: codebook ||sg(z) - e||^2 and beta ||z - sg(e)||^2 (means), and their gradients
     mse = ((Z - CODEBOOK[IDX]) ** 2).mean()
     np.testing.assert_allclose(float(out.codebook_loss), mse, rtol=1e-6)
     np.testing.assert_allclose(float(out.commitment_loss), 0.25 * mse, rtol=1e-6)
-    gz = jax.grad(lambda z: Q.quantize(z, CODEBOOK, beta=0.25).commitment_loss)(jnp.asarray(Z))
     np.testing.assert_allclose(np.asarray(gz), 2 * 0.25 * (Z - CODEBOOK[IDX]) / Z.size, rtol=1e-5)
-    ge = jax.grad(lambda e: Q.quantize(jnp.asarray(Z), e).codebook_loss)(jnp.asarray(CODEBOOK))
     ref = np.zeros_like(CODEBOOK)
     np.add.at(ref, IDX, 2 * (CODEBOOK[IDX] - Z) / Z.size)
     np.testing.assert_allclose(np.asarray(ge), ref, rtol=1e-5, atol=1e-7)
@@ -167,11 +171,12 @@ def test_dead_code_restart():
     book = np.concatenate([CODEBOOK, [[50.0, 50.0], [-50.0, 40.0]]]).astype(np.float32)   # 2 far codes
     state = Q.init_ema_state(book)
     key = jax.random.PRNGKey(0)
+    step = jax.jit(lambda st, k: Q.ema_step(st, z, k, decay=0.5, dead_after=3))
     for i in range(2):
-        state, idx = Q.ema_step(state, z, jax.random.fold_in(key, i), decay=0.5, dead_after=3)
+        state, idx = step(state, jax.random.fold_in(key, i))
         np.testing.assert_array_equal(np.asarray(state.unused), [0, 0, 0, i + 1, i + 1])
         np.testing.assert_allclose(np.asarray(state.codebook[3:]), book[3:], rtol=1e-3)  # not yet dead
-    state, _ = Q.ema_step(state, z, jax.random.fold_in(key, 2), decay=0.5, dead_after=3)
+    state, _ = step(state, jax.random.fold_in(key, 2))
     restarted = np.asarray(state.codebook[3:])
     for row in restarted:                                    # each re-initialised to an encoder output
         assert np.min(np.abs(Z - row).sum(-1)) < 1e-6, row
@@ -180,8 +185,9 @@ def test_dead_code_restart():
     np.testing.assert_allclose(np.asarray(state.embed_sum[3:]), restarted)
     # the live codes followed the EMA formula only (the restart left them alone)
     ref = Q.init_ema_state(book)
+    update = jax.jit(lambda st: Q.ema_update(st, z, IDX, decay=0.5))
     for i in range(3):
-        ref = Q.ema_update(ref, z, IDX, decay=0.5)
+        ref = update(ref)
     np.testing.assert_allclose(np.asarray(state.codebook[:3]), np.asarray(ref.codebook[:3]), rtol=1e-6)
 
 
@@ -189,13 +195,13 @@ def test_vector_quantizer_layer():
     from diffusion_jax.networks.vq import VectorQuantizer
     z = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 3, 4)), jnp.float32)
     vq = VectorQuantizer(num_codes=8, dim=4, beta=0.5)
-    var = vq.init(jax.random.PRNGKey(0), z)
-    (z_st, aux) = vq.apply(var, z)
+    var = jax.jit(vq.init)(jax.random.PRNGKey(0), z)
+    (z_st, aux) = jax.jit(vq.apply)(var, z)
     ref = Q.quantize(z, var["params"]["codebook"], beta=0.5)
     np.testing.assert_allclose(np.asarray(z_st), np.asarray(ref.z_q), atol=1e-7)
     np.testing.assert_allclose(float(aux["loss"]), float(ref.codebook_loss + ref.commitment_loss), rtol=1e-6)
     ema = VectorQuantizer(num_codes=8, dim=4, ema_decay=0.9, dead_after=1)
-    var = ema.init(jax.random.PRNGKey(0), z)
+    var = jax.jit(ema.init)(jax.random.PRNGKey(0), z)
     st = Q.VQEMAState(**var["vq_stats"])
     (_, aux), upd = ema.apply(var, z, train=True, mutable=["vq_stats"], rngs={"vq": jax.random.PRNGKey(1)})
     want, _ = Q.ema_step(st, z, jax.random.PRNGKey(1), decay=0.9, dead_after=1)
@@ -274,13 +280,17 @@ def test_lsgm_cross_entropy_equals_closed_form(prior_mean, prior_var):
 def test_lsgm_prior_loss_holds_latents_fixed():
     proc = VPLinear()
     z0 = jnp.ones((4, 2))
-    for w in ("likelihood", "eps"):
-        g = jax.grad(lambda z: L.lsgm_prior_loss(lambda x, t: 0.5 * x, proc, z, jax.random.PRNGKey(0),
-                                                 weighting=w)[0])(z0)
-        assert float(jnp.max(jnp.abs(g))) == 0.0
-    g = jax.grad(lambda z: jnp.mean(L.lsgm_cross_entropy(lambda x, t: 0.5 * x, proc, z,
-                                                         jax.random.PRNGKey(0))[0]))(z0)
-    assert float(jnp.max(jnp.abs(g))) > 0.0         # the VAE update reaches the encoder
+
+    @jax.jit
+    def grads(z):
+        k = jax.random.PRNGKey(0)
+        return [jax.grad(lambda z_: L.lsgm_prior_loss(lambda x, t: 0.5 * x, proc, z_, k, weighting=w)[0])(z)
+                for w in ("likelihood", "eps")] + [
+                jax.grad(lambda z_: jnp.mean(L.lsgm_cross_entropy(lambda x, t: 0.5 * x, proc, z_, k)[0]))(z)]
+
+    g_like, g_eps, g_vae = grads(z0)
+    assert float(jnp.max(jnp.abs(g_like))) == 0.0 and float(jnp.max(jnp.abs(g_eps))) == 0.0
+    assert float(jnp.max(jnp.abs(g_vae))) > 0.0     # the VAE update reaches the encoder
     with pytest.raises(ValueError, match="prior weighting"):
         L.lsgm_prior_loss(lambda x, t: x, proc, z0, jax.random.PRNGKey(0), weighting="sigma2")
 

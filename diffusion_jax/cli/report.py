@@ -125,7 +125,7 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     params = sampling_params(exp, state)
     n = int(s.num_samples)
     train_z = test_z = sampler = None
-    sample_what = f"{s.sampler}, {s.num_steps} steps"
+    sample_what = fam.sampler_description()
     if fam.has_encoder:
         progress(f"report: encoding {len(train['x'])} train and {len(test['x'])} test images")
         train_z = fam.encode(exp, state, train["x"])

@@ -121,6 +121,11 @@ class ModelFamily:
     def title(self) -> str:
         return self.name
 
+    def sampler_description(self) -> str:
+        """How `generate` samples, for captions: config.sample's sampler and steps."""
+        s = self.config.sample
+        return f"{s.sampler}, {s.num_steps} steps"
+
     # ---------------------------------------------------------------------- assembly
     def build_network(self, image_shape=None):
         raise NotImplementedError

@@ -58,6 +58,11 @@ class CLDFamily(ModelFamily):
     def title(self) -> str:
         return "Critically-damped Langevin diffusion (CLD)"
 
+    def sampler_description(self) -> str:
+        c, s = self.config.cld, self.config.sample
+        return (f"CLD {c.sampler} ({c.striding} grid), {s.num_steps} steps"
+                + (" + denoising step" if s.denoise_final else ""))
+
     # ---------------------------------------------------------------------- assembly
     def build_network(self, image_shape=None):
         from diffusion_jax.networks import UNet

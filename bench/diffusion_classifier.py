@@ -103,7 +103,7 @@ def main(argv=None):
     train = load_arrays(config, "train", config.readout.num_train)
     test = load_arrays(config, "test", config.readout.num_test)
     params = sampling_params(exp, state)
-    eps_fn = make_eps_fn(exp)
+    eps_fn = make_eps_fn(exp, pair=False)        # eps only (a learned-variance net: its first C channels)
     rows = []
     for weighting in ("none", "elbo"):
         for s in (int(v) for v in args.samples.split(",")):

@@ -174,3 +174,17 @@ def test_checkpoint_from_an_older_schema_is_compatible():
     saved["model"]["ch"] = config.model.ch * 2
     with pytest.raises(cli.CLIError, match=r"model\.ch"):
         check_checkpoint_compatible(Saved(), config, "w")
+
+
+def test_resume_reports_only_real_config_changes():
+    """A checkpoint's config that predates a schema section is not reported as changed."""
+    from diffusion_jax.cli.experiment import json_config
+    from diffusion_jax.cli.train import _with_defaults
+    from diffusion_jax.training.loop import config_diff
+    config = cv.load_file(DEFAULT)
+    old = json_config(config)
+    old.pop("repa")
+    assert config_diff(old, json_config(config))                  # the raw diff names the section
+    assert config_diff(_with_defaults(old), json_config(config)) == []
+    config.optim.learning_rate = 5e-4
+    assert config_diff(_with_defaults(old), json_config(config)) == ["optim.learning_rate: 0.001 -> 0.0005"]

@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from diffusion_jax import config as cv
 from diffusion_jax.cli.experiment import (
     CLIError, ckpt_dir, say, build_experiment, open_split, image_shape_of, Batches,
     make_loss_fn, make_eps_fn, sampling_params, generate, check_checkpoint_compatible,
@@ -15,6 +16,15 @@ from diffusion_jax.cli.pretrained import initial_state
 
 
 # --------------------------------------------------------------------------------- train
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with today's schema defaults for the fields it predates (so that a
+    section added since is not reported as a change); the saved dict itself if it does not load."""
+    try:
+        return json_config(cv.from_dict(saved, validate_config=False))
+    except Exception:  # pylint: disable=broad-except
+        return saved
+
+
 def _sample_latents(exp, state, source, n: int, seed: int):
     """What the family's generation needs for the sample grids during training
     (`ModelFamily.generation_latents`; None for most families): an autoencoder's prior latents,
@@ -128,7 +138,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
             say(f"resuming from step {restored.step} "
                  f"(checkpoint {os.path.join(ckpt_dir(workdir), str(restored.step))})")
             if restored.config is not None:
-                changes = config_diff(restored.config, json_config(config))
+                changes = config_diff(_with_defaults(restored.config), json_config(config))
                 if changes:
                     say("config differs from the checkpoint's: " + "; ".join(changes))
             if primary:

@@ -112,7 +112,8 @@ def build_experiment(config, image_shape, *, repa_target=None) -> Experiment:
         total_steps=(config.train.num_steps // o.grad_accum if o.schedule == "cosine" else None),
         end_lr_factor=o.end_lr_factor, grad_clip_norm=o.grad_clip or None,
         grad_accum_steps=o.grad_accum)
-    tx, schedule = T.make_optimizer(opt_cfg)
+    groups = family.optimizer_groups(opt_cfg)
+    tx, schedule = T.make_group_optimizer(groups) if groups else T.make_optimizer(opt_cfg)
     init_fn = T.make_init_fn(model.init_params, tx, tuple(config.ema.decays),
                              init_model_state_fn=init_model_state_fn if model.stateful else None)
     mesh = T.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))

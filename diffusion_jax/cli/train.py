@@ -179,6 +179,9 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
         preempted = False
         pending = first
         last_t, last_step = time.perf_counter(), step
+        budget = float(tc.get("max_seconds", 0.0) or 0.0)
+        t_loop, t_excluded = time.perf_counter(), 0.0       # wall clock of the training steps
+        result["stopped_at_time_limit"] = False
         while step < tc.num_steps:
             batch, pending = (pending, None) if pending is not None else (next(batches), None)
             state, metrics = compiled(state, batch)
@@ -209,8 +212,15 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                         bar.write(f"step {step}: wrote sample grid {path}")
                     result["samples"].append(path)
                 last_t += time.perf_counter() - t_sample      # steps/s counts training only
+                t_excluded += time.perf_counter() - t_sample
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 save(step)
+            if budget and step < tc.num_steps and (
+                    T.any_process(time.perf_counter() - t_loop - t_excluded >= budget)):
+                jax.block_until_ready(state)
+                result["stopped_at_time_limit"] = True
+                bar.write(f"stopping at step {step}: train.max_seconds={budget:g} reached")
+                break
             if handler.should_stop():
                 if step not in saved:
                     save(step)
@@ -226,6 +236,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
             result["loss_curve"] = loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
         say(f"done: step {step}, checkpoints {saved}, {time.perf_counter() - t_start:.1f}s; "
              f"metrics in {metrics_path}")
+        result["train_seconds"] = time.perf_counter() - t_loop - t_excluded
         result.update(step=step, preempted=preempted, saved_steps=saved,
                       compile_seconds=compiled.compile_seconds, metrics=metrics_path)
         return result

@@ -354,6 +354,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "keep": Field(int, 3, check=_positive, doc="checkpoints kept"),
         "seed": Field(int, 0),
         "precision": Field(str, "float32", choices=PRECISIONS, doc="network compute dtype"),
+        "max_seconds": Field(float, 0.0, check=_non_negative,
+                             doc="stop (with a checkpoint) once this run's training steps have taken "
+                                 "this many seconds of wall clock (compilation and sampling not "
+                                 "counted); 0: off. For equal-wall-clock comparisons"),
     },
     "mesh": {
         "shape": Field(tuple, (-1, 1, 1), item=int, check=_mesh_shape_check),

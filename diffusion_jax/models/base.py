@@ -88,10 +88,12 @@ class ModelFamily:
     scalar_eps (`make_eps_fn` gives an eps of a scalar alpha / sigma process: the bits/dim eval
     through the PF-ODE and the readout sweep use it; False for a phase-space family such as CLD,
     which generates through `generate` alone, so config.eval.bpd and config.report.probe are
-    refused); grad_norm_groups (top-level parameter groups whose gradient norms the train step
+    refused); has_first_stage (an autoencoder first stage (LDM, LSGM, DiVAE):
+    `first_stage_reconstructions` in the report); grad_norm_groups (top-level parameter groups whose gradient norms the train step
     logs)."""
     name: ClassVar[str] = ""
     has_encoder: ClassVar[bool] = False
+    has_first_stage: ClassVar[bool] = False
     image_denoiser: ClassVar[bool] = False
     scalar_eps: ClassVar[bool] = True
     grad_norm_groups: ClassVar[tuple] = ()
@@ -120,6 +122,12 @@ class ModelFamily:
 
     def title(self) -> str:
         return self.name
+
+    def optimizer_groups(self, base):
+        """{top-level parameter group: training.OptimizerConfig} to give each group its own
+        optimiser (groups not named are frozen; a `training.PhasedLoss` objective needs this), or
+        None: one optimiser, `base` (from config.optim), for every parameter."""
+        return None
 
     def sampler_description(self) -> str:
         """How `generate` samples, for captions: config.sample's sampler and steps."""
@@ -279,6 +287,11 @@ class ModelFamily:
     def eval_model_state(self, model: Model, state, params):
         """TrainState.model_state to evaluate the loss with under `params` (a stateful loss)."""
         return state.model_state
+
+    def first_stage_reconstructions(self, model: Model, params, images):
+        """(has_first_stage) decode(encode(images)) by the family's first stage (float32 host
+        array shaped like `images`, in [-1, 1] up to the model's error); the report shows them."""
+        raise NotImplementedError(f"model family {self.name!r} has no first stage")
 
     # ------------------------------------------------------------------ encoder families
     @property

@@ -21,6 +21,7 @@ It is checkpointed, replicated (unless boxed with logical names), and skipped by
     where            what
     mesh.py          make_mesh, logical -> NamedShardings (divisibility fallback), batch sharding
     state.py         TrainState, OptimizerConfig/make_optimizer, EMA, sharded init
+    phases.py        PhasedLoss (alternating updates of parameter groups), per-group optimisers
     train_step.py    make_train_step (pure), compile_train_step (sharded, donated, AOT), validation
     distributed.py   maybe_initialize (jax.distributed), shard_batch (per-process -> global), to_host
     checkpoint.py    Checkpointer (Orbax: state + data iterator + config, keep-N/best, fallback),
@@ -40,6 +41,8 @@ from diffusion_jax.training.mesh import (BATCH_AXES, DEFAULT_LOGICAL_AXIS_RULES,
                                          logical_shardings, logical_to_mesh_spec, make_mesh,
                                          replicated,
                                          resolve_mesh_shape)
+from diffusion_jax.training.phases import (GroupOptimizer, Phase, PhasedLoss,
+                                           make_group_optimizer)
 from diffusion_jax.training.state import (InitResult, OptimizerConfig, TrainState,
                                           abstract_train_state, ema_decay_at, ema_key,
                                           init_train_state, make_init_fn, make_optimizer,
@@ -60,5 +63,6 @@ __all__ = [
     "OptimizerConfig", "TrainState", "abstract_train_state", "ema_decay_at", "ema_key",
     "init_train_state", "has_leaves", "make_init_fn", "make_optimizer", "make_schedule",
     "state_shardings", "update_ema", "CompiledTrainStep", "batch_spec_of", "compile_train_step", "ema_decays_of",
-    "make_train_step", "step_rng", "validate_batch",
+    "make_train_step", "step_rng", "validate_batch", "GroupOptimizer", "Phase", "PhasedLoss",
+    "make_group_optimizer",
 ]

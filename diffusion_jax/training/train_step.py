@@ -27,6 +27,10 @@ leaf is cast to its stored dtype). It is replaced on EVERY call, i.e. every micr
 gradient accumulation (k batches of an `optax.MultiSteps` update give k state updates, like k
 forward passes of a PyTorch module in train mode), and it is neither optimised nor averaged by the
 EMA. With no leaves in `state.model_state` the step calls the plain 3-argument loss, as before.
+
+A `phases.PhasedLoss` (GANs, LSGM) with a `phases.make_group_optimizer` optimiser: the step runs
+its phases in order, each updating its own parameter groups (see phases.py); metrics
+'<phase>/loss', '<phase>/<aux>', 'grad_norm/<group>', 'loss' (the report phase's).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax.training import distributed as dist
 from diffusion_jax.training import mesh as mesh_lib
+from diffusion_jax.training.phases import GroupOptimizer, PhasedLoss
 from diffusion_jax.training.state import TrainState, has_leaves, update_ema
 
 LossFn = Callable[..., tuple[jax.Array, Any]]   # (params, batch, rng[, model_state]) -> (loss, aux)
@@ -148,6 +153,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     """
     k = int(grad_accum_steps)
     groups = tuple(grad_norm_groups)
+    if isinstance(loss_fn, PhasedLoss):
+        return _make_phased_step(loss_fn, tx, schedule, grad_accum_steps=k, ema_warmup=ema_warmup,
+                                 return_grads=return_grads, grad_norm_groups=groups)
 
     def train_step(state: TrainState, batch, rng):
         stateful = has_leaves(state.model_state)
@@ -194,6 +202,72 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
             metrics["learning_rate"] = jnp.asarray(schedule(update_index), jnp.float32)
         if return_grads:
             metrics["grads"] = grads
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                                  model_state=model_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def _make_phased_step(loss_fn: PhasedLoss, tx, schedule, *, grad_accum_steps: int,
+                      ema_warmup: bool, return_grads: bool, grad_norm_groups: tuple):
+    """The train step of a `PhasedLoss` (phases.py): the phases' updates in order, then EMA."""
+    if grad_accum_steps != 1:
+        raise ValueError(f"a PhasedLoss updates its groups in turn every step; gradient "
+                         f"accumulation (grad_accum_steps={grad_accum_steps}) is not supported")
+    if not isinstance(tx, GroupOptimizer):
+        raise ValueError("a PhasedLoss needs a per-group optimiser (training.make_group_optimizer "
+                         "/ the family's optimizer_groups), got a single optax transformation")
+    unknown = [g for g in loss_fn.groups if g not in tx.txs]
+    if unknown:
+        raise ValueError(f"phases update parameter groups {unknown} that have no optimiser "
+                         f"(optimiser groups: {sorted(tx.txs)})")
+
+    def train_step(state: TrainState, batch, rng):
+        loss_fn.check_params(state.params)
+        stateful = has_leaves(state.model_state)
+        params, opt_state = dict(state.params), dict(state.opt_state)
+        model_state = state.model_state
+        metrics, all_grads = {}, {}
+        for i, phase in enumerate(loss_fn.phases):
+            _check_arity(phase.loss_fn, stateful)
+            key = jax.random.fold_in(rng, i)
+
+            def objective(sub, params=params, phase=phase, key=key, model_state=model_state):
+                p = {**params, **sub}
+                if stateful:
+                    loss, aux = phase.loss_fn(p, batch, key, model_state)
+                else:
+                    loss, aux = phase.loss_fn(p, batch, key)
+                return jnp.asarray(loss, jnp.float32), aux
+
+            sub = {g: params[g] for g in phase.groups}
+            (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(sub)
+            if stateful:
+                model_state, aux = _new_model_state(model_state, aux)
+            elif isinstance(aux, Mapping) and "model_state" in aux:
+                aux = {k: v for k, v in aux.items() if k != "model_state"}
+            for g in phase.groups:
+                updates, opt_state[g] = tx.update_group(g, grads[g], opt_state, params[g])
+                params[g] = optax.apply_updates(params[g], updates)
+                all_grads[g] = grads[g]
+                metrics[f"grad_norm/{g}"] = optax.tree.norm(grads[g]).astype(jnp.float32)
+            metrics.update({f"{phase.name}/{k}": v for k, v in _scalar_metrics(aux).items()})
+            metrics[f"{phase.name}/loss"] = loss
+            if phase.name == loss_fn.report:
+                metrics["loss"] = loss
+        metrics["grad_norm"] = optax.tree.norm(all_grads).astype(jnp.float32)
+        missing = [g for g in grad_norm_groups if f"grad_norm/{g}" not in metrics]
+        if missing:
+            raise ValueError(f"grad_norm_groups {missing} are updated by no phase")
+        ema = state.ema
+        if ema:
+            ema = update_ema(ema, params, ema_decays_of(ema), state.step, ema_warmup)
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        if return_grads:
+            metrics["grads"] = {g: all_grads.get(g, jax.tree_util.tree_map(jnp.zeros_like, v))
+                                for g, v in state.params.items()}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                                   model_state=model_state)
         return new_state, metrics

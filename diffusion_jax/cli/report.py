@@ -5,6 +5,7 @@
     workdir/report/samples.png               unconditional samples (autoencoders: z from the
                                              prior / the latent DDIM, see `generation_latents`)
     workdir/report/reconstructions.png       originals / from (z, inverted x_T) / from (z, noise)
+    workdir/report/first_stage_reconstructions.png   (LDM, LSGM, DiVAE) originals / decode(encode(x))
     workdir/report/interpolations.png        linear in z, spherical in x_T, one row per pair
     workdir/report/probe_heatmap.png         linear-probe accuracy by (t, block)
     workdir/loss_curve.png                   the training loss
@@ -142,6 +143,19 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     x, _ = generate(exp, make_eps_fn(exp), params, n, int(s.seed), z=z_gen)
     samples_png = image_grid(x, os.path.join(out, "samples.png"))
     rep.add_image("Samples", rel(samples_png), caption=sample_what)
+
+    if fam.has_first_stage:
+        m = min(256, len(test["x"]))
+        k = min(int(r.num_reconstructions), m)
+        progress(f"report: first-stage reconstructions of {m} test images")
+        rec = np.asarray(fam.first_stage_reconstructions(exp, params, test["x"][:m]), np.float32)
+        mse = float(np.mean((rec - np.asarray(test["x"][:m], np.float32)) ** 2))
+        png = image_grid(np.concatenate([test["x"][:k], rec[:k]]),
+                         os.path.join(out, "first_stage_reconstructions.png"), ncol=k)
+        rep.add_image("First-stage reconstructions", rel(png),
+                      caption=f"rows: test images; decode(encode(x)) by the first stage; MSE per "
+                              f"pixel (images in [-1, 1]) over {m} test images: {mse:.4g}")
+        numbers["first_stage_reconstruction_mse"] = mse
 
     if fam.has_encoder:
         k = min(int(r.num_reconstructions), len(test["x"]))

@@ -81,6 +81,7 @@ def latent_shape(config, image_shape) -> tuple:
 class LatentDiffusion(ModelFamily):
     """LDM: a KL autoencoder and a diffusion model on its scaled latents (see the module docstring)."""
     grad_norm_groups = ("first_stage", "denoiser")
+    has_first_stage = True
 
     def check_config(self) -> None:
         c = self.config
@@ -234,6 +235,14 @@ class LatentDiffusion(ModelFamily):
         import jax.numpy as jnp
         import numpy as np
         return np.asarray(self._jitted(model, "decode")(params, jnp.asarray(z, jnp.float32) / scale))
+
+    def first_stage_reconstructions(self, model: Model, params, images):
+        """decode(mean of q(z | x)) for `images` (N, H, W, C), in batches of config.sample.batch_size."""
+        import numpy as np
+        bs = int(self.config.sample.batch_size)
+        out = [self.decode_latents(model, params, self.encode_latents(model, params, images[i:i + bs]))
+               for i in range(0, len(images), bs)]
+        return np.concatenate(out).astype(np.float32)
 
     def scale_factor(self, model: Model, state=None, params=None) -> float:
         """s: config.first_stage.scale_factor, else the train state's model_state['scale'] (also

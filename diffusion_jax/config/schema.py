@@ -477,6 +477,29 @@ SCHEMA: dict[str, dict[str, Field]] = {
                               doc="latent scale; None: 1 / std of the first diffusion-stage batch "
                                   "of latents (LDM's scale_by_std)"),
     },
+    "ddgan": {                        # model.family='ddgan' (denoising diffusion GAN); official names
+        "num_timesteps": Field(int, 4, check=_positive, doc="T: generator steps (NFE) of the chain"),
+        "beta_min": Field(float, 0.1, check=_positive),
+        "beta_max": Field(float, 20.0, check=_positive, doc="VP-SDE betas of the T-step schedule"),
+        "use_geometric": Field(bool, False, doc="geometric variance schedule instead of the VP one"),
+        "nz": Field(int, 100, check=_positive, doc="latent z ~ N(0, I_nz) of the generator"),
+        "z_emb_dim": Field(int, 256, check=_positive, doc="width of the mapping network w(z)"),
+        "n_mlp": Field(int, 4, check=_non_negative, doc="hidden layers of the mapping network"),
+        "use_tanh": Field(bool, True, doc="x0' = tanh(UNet) (official: not not_use_tanh)"),
+        "ngf": Field(int, 64, check=_positive, doc="discriminator base channels"),
+        "disc_ch_mult": Field(tuple, (4, 8, 8), item=int,
+                              doc="discriminator down blocks, ngf * m channels each (each halves H)"),
+        "t_emb_dim": Field(int, 256, check=_positive, doc="discriminator time embedding"),
+        "lr_g": Field(float, 1.6e-4, check=_positive, doc="generator Adam lr (config.optim's "
+                                                          "schedule, warm-up, clip, eps apply)"),
+        "lr_d": Field(float, 1.25e-4, check=_positive, doc="discriminator Adam lr"),
+        "beta1": Field(float, 0.5, check=_unit, doc="Adam b1 of both networks"),
+        "beta2": Field(float, 0.9, check=_unit, doc="Adam b2 of both networks"),
+        "r1_gamma": Field(float, 0.02, check=_non_negative,
+                          doc="R1 on real x_t: r1_gamma / 2 E||grad D||^2"),
+        "lazy_reg": Field(int, 15, check=_non_negative,
+                          doc="R1 every lazy_reg steps (unscaled, as the official code); 0: every step"),
+    },
     "latent_sampler": {
         "num_steps": Field(int, 0, check=_non_negative,
                            doc="train steps of DiffAE's latent DDIM after the autoencoder; 0: off"),
@@ -527,6 +550,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                              "agreement, z dependence per t, code usage)"),
         "diagnostics_images": Field(int, 256, check=_positive,
                                     doc="test images of the autoencoder diagnostics"),
+        "feature_distance": Field(bool, True,
+                                  doc="labelled data: the classifier-feature distance (Frechet distance of "
+                                      "the evaluation classifier's penultimate features) of the samples "
+                                      "to the test split, next to that of as many train images"),
         "classifier_steps": Field(int, 1500, check=_positive,
                                   doc="train steps of the diagnostics' feature classifier"),
         "manipulate_target": Field(int, 1, check=_non_negative,

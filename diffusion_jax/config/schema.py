@@ -477,6 +477,42 @@ SCHEMA: dict[str, dict[str, Field]] = {
                               doc="latent scale; None: 1 / std of the first diffusion-stage batch "
                                   "of latents (LDM's scale_by_std)"),
     },
+    "lsgm": {                         # model.family='lsgm' (Vahdat et al. 2021): VAE + score prior
+        "vae_channels": Field(tuple, (32, 64), item=int,
+                              doc="AutoencoderKL levels of the VAE (image side / latent side = "
+                                  "2^(levels - 1))"),
+        "vae_layers_per_block": Field(int, 1, check=_positive),
+        "latent_channels": Field(int, 2, check=_positive),
+        "vae_norm_groups": Field(int, 8, check=_positive, doc="divides every vae_channels"),
+        "vae_mid_attention": Field(bool, False),
+        "decoder_std": Field(float, 0.1, check=_positive,
+                             doc="initial std of the discretised-Gaussian decoder p(x|z) (one "
+                                 "scalar, learned when learn_decoder_std)"),
+        "learn_decoder_std": Field(bool, True),
+        "kl_weight": Field(float, 1.0, check=_non_negative,
+                           doc="weight of log q(z|x) + CE(q || p) in the VAE loss (1: the ELBO; "
+                               "LSGM's kl_coeff)"),
+        "mixing_logit_init": Field(float, -3.0,
+                                   doc="initial mixing logit per latent channel (official: -3; "
+                                       "MNIST / Omniglot -6)"),
+        "time_sampling_q": Field(str, "importance", choices=("importance", "uniform"),
+                                 doc="t of the VAE's cross entropy: likelihood importance sampling "
+                                     "(ll_iw) or uniform (ll_uniform)"),
+        "prior_weighting": Field(str, "eps", choices=("eps", "likelihood"),
+                                 doc="the prior's loss: 'eps' ||eps - eps_theta||^2, t ~ U (the "
+                                     "paper's re-weighted drop_all objective) or 'likelihood' "
+                                     "(the CE estimate, ll_iw)"),
+        "vae_lr": Field(float, 1e-4, check=_positive, doc="official learning_rate_vae"),
+        "prior_lr": Field(float, 1e-4, check=_positive, doc="official learning_rate_dae"),
+        "vae_adam_eps": Field(float, 1e-3, check=_positive, doc="official VAE Adam eps"),
+        "prior_adam_eps": Field(float, 1e-4, check=_positive, doc="official prior Adam eps"),
+        "vae_end_lr_factor": Field(float, 0.1, check=_non_negative,
+                                   doc="cosine schedule's end (official 1e-5 / 1e-4); the prior "
+                                       "uses optim.end_lr_factor"),
+        "warmup_vae_steps": Field(int, 0, check=_non_negative,
+                                  doc="first steps train the VAE alone with a N(0, I) prior (the "
+                                      "paper pre-trains the VAE); the prior gets no update"),
+    },
     "ddgan": {                        # model.family='ddgan' (denoising diffusion GAN); official names
         "num_timesteps": Field(int, 4, check=_positive, doc="T: generator steps (NFE) of the chain"),
         "beta_min": Field(float, 0.1, check=_positive),

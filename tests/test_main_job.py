@@ -71,6 +71,12 @@ def test_main_job_writes_a_sane_report(tmp_path, capsys, compile_cache):
     for r in rep["probe"]:
         assert r["linear"] > 0.3 and r["knn"] > 0.3, r
     assert rows["raw"]["linear"] > 0.85
+    # Classifier-feature distance of the samples (60 steps: far from the data) above the floor of
+    # as many train images; sampling time per image recorded.
+    fd = rep["feature_distance"]
+    assert fd["num_samples"] == 16 and fd["classifier_test_accuracy"] > 0.5
+    assert 0 < fd["train_vs_test"] < fd["samples_vs_test"]
+    assert rep["sampling_seconds_per_image"] > 0
     # Does z carry the semantics? The diagnostics are there and in range.
     d = rep["latent_diagnostics"]
     assert d["num_images"] == 32 and 0.0 <= d["agreement"] <= 1.0

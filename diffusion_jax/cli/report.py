@@ -10,6 +10,8 @@
     workdir/report/probe_heatmap.png         linear-probe accuracy by (t, block)
     workdir/loss_curve.png                   the training loss
 
+Labelled data: the classifier-feature distance of the samples to the test split
+(report.feature_distance), and the sampling time per image in report.json.
 Autoencoders also get "Does z carry the semantics?" (report.diagnostics): the class agreement of
 (z, fresh noise) reconstructions with their originals, the eps error with the right and with a
 shuffled z per t, and, for binary codes, dead bits and I(x; z).
@@ -43,7 +45,8 @@ def _training_summary(workdir: str) -> dict:
             "median steps/s": sorted(sps)[len(sps) // 2]}
 
 
-def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress) -> None:
+def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress,
+                     classifier=None) -> None:
     """The 'Does z carry the semantics?' section (`cli.autoencoder.latent_diagnostics`)."""
     from diffusion_jax.cli import autoencoder as ae_lib
     from diffusion_jax.training import read_metrics
@@ -51,7 +54,7 @@ def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, pro
     progress("report: latent diagnostics (z dependence per t, class agreement, codes)")
     d = ae_lib.latent_diagnostics(exp, state, train, test, test_z, num=int(r.diagnostics_images),
                                   steps=int(r.inversion_steps), seed=int(exp.config.sample.seed),
-                                  classifier_steps=int(r.classifier_steps),
+                                  classifier_steps=int(r.classifier_steps), classifier=classifier,
                                   train_metrics=read_metrics(workdir), log=progress)
     numbers["latent_diagnostics"] = d
     rows = []
@@ -84,6 +87,38 @@ def _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, pro
                                              dep["share"])],
                   caption="x_t = alpha_t x0 + sigma_t eps; share = E|eps_hat(z) - eps_hat(z')|^2 / "
                           "E|eps_hat(z) - mean|^2; a decoder that ignores z has ratio 1 and share 0")
+
+
+def _add_feature_distance(rep, numbers, samples, train, test, steps, sample_what, progress,
+                          seed=0):
+    """'Sample quality on the embedded data': FD(samples, test) in the features of the evaluation
+    classifier (trained here on the train split), beside FD(train, test) with as many images;
+    returns the classifier (the autoencoder diagnostics reuse it)."""
+    import numpy as np
+    from diffusion_jax.evaluation import frechet_distance, train_feature_classifier
+    progress(f"report: classifier-feature distance (classifier: {steps} steps on "
+             f"{len(train['x'])} train images)")
+    net = train_feature_classifier(train["x"], train["label"], steps=steps,
+                                   num_classes=int(np.max(train["label"])) + 1, seed=seed)
+    test_feats = net.features(test["x"])
+    n = min(len(samples), len(train["x"]))
+    fd = frechet_distance(net.features(np.clip(samples, -1, 1)), test_feats)
+    floor = frechet_distance(net.features(train["x"][:n]), test_feats)
+    pred = net.predict(np.clip(samples, -1, 1))
+    share = float(np.bincount(pred).max() / len(pred))
+    acc = net.accuracy(test["x"], test["label"])
+    numbers["feature_distance"] = {"samples_vs_test": fd, "train_vs_test": floor,
+                                   "num_samples": len(samples), "classifier_test_accuracy": acc,
+                                   "largest_class_share": share}
+    rep.add_table("Sample quality on the embedded data", [
+        {"quantity": f"classifier-feature distance, {len(samples)} samples vs the test split",
+         "value": fd},
+        {"quantity": f"the same for {n} train images (the floor at this sample size)", "value": floor},
+        {"quantity": "largest predicted-class share of the samples", "value": share},
+        {"quantity": "the classifier's test accuracy", "value": acc}], ["quantity", "value"],
+        caption=f"Frechet distance of the penultimate features of the small CNN of "
+                f"`diffusion_jax.evaluation` (FID's formula, not Inception); samples: {sample_what}")
+    return net
 
 
 def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
@@ -140,9 +175,15 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     if z_what:
         sample_what += f"; {z_what}"
     progress(f"report: sampling {n} images ({sample_what})")
+    t_gen = time.perf_counter()
     x, _ = generate(exp, make_eps_fn(exp), params, n, int(s.seed), z=z_gen)
+    numbers["sampling_seconds_per_image"] = (time.perf_counter() - t_gen) / n
     samples_png = image_grid(x, os.path.join(out, "samples.png"))
     rep.add_image("Samples", rel(samples_png), caption=sample_what)
+    classifier = None
+    if r.get("feature_distance", True) and "label" in train and len(test["x"]) >= 2:
+        classifier = _add_feature_distance(rep, numbers, x, train, test, int(r.classifier_steps),
+                                           sample_what, progress, seed=int(s.seed))
 
     if fam.has_first_stage:
         m = min(256, len(test["x"]))
@@ -184,7 +225,8 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
         rep.add_image("Interpolations", rel(png),
                       caption="each row: two test images' (z, x_T), z linear and x_T spherical")
         if r.diagnostics:
-            _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress)
+            _add_diagnostics(rep, numbers, exp, state, train, test, test_z, workdir, progress,
+                             classifier)
 
     if r.probe:
         progress("report: probing representations (linear probe and k-NN on the labels)")

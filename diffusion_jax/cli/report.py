@@ -178,6 +178,7 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
     t_gen = time.perf_counter()
     x, _ = generate(exp, make_eps_fn(exp), params, n, int(s.seed), z=z_gen)
     numbers["sampling_seconds_per_image"] = (time.perf_counter() - t_gen) / n
+    numbers["nfe_per_sample"] = fam.nfe_per_sample()
     samples_png = image_grid(x, os.path.join(out, "samples.png"))
     rep.add_image("Samples", rel(samples_png), caption=sample_what)
     classifier = None

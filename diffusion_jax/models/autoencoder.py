@@ -287,6 +287,15 @@ class DiffusionAutoencoderFamily(ModelFamily):
             "sample_steps": ls.sample_steps, "seed": self.config.train.seed,
             "chunk_steps": min(1000, ls.num_steps)})
 
+    def nfe_per_sample(self) -> float:
+        """The decoder's evaluations (config.sample) plus, for continuous latents drawn by DiffAE's
+        latent DDIM, its latent_sampler.sample_steps evaluations of the (much smaller) latent MLP."""
+        nfe = super().nfe_per_sample()
+        ls = self.config.latent_sampler
+        if self.config.autoencoder.latent == "continuous" and ls.num_steps > 0:
+            nfe += int(ls.sample_steps)
+        return nfe
+
     def generation_latents(self, model: Model, state, n: int, seed: int, *, train_z=None,
                            latent_sampler=None, train_images=None):
         """(z (n, D), description): binary latents from the prior (Bernoulli(1/2), or the per-bit

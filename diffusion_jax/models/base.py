@@ -123,6 +123,14 @@ class ModelFamily:
     def title(self) -> str:
         return self.name
 
+    def nfe_per_sample(self) -> float:
+        """Network evaluations per generated sample: config.sample's steps times its sampler's
+        evaluations per step, plus one for the final denoising step when it is on."""
+        from diffusion_jax.sampling import get_sampler
+        s = self.config.sample
+        return float(int(s.num_steps) * get_sampler(s.sampler).nfe_per_step
+                     + int(bool(s.denoise_final)))
+
     def optimizer_groups(self, base):
         """{top-level parameter group: training.OptimizerConfig} to give each group its own
         optimiser (groups not named are frozen; a `training.PhasedLoss` objective needs this), or

@@ -118,6 +118,13 @@ class CLDFamily(ModelFamily):
             model.cache[cache_key] = jax.jit(run)
         return model.cache[cache_key]
 
+    def nfe_per_sample(self) -> float:
+        """Score evaluations of config.cld.sampler over config.sample.num_steps (+1: denoising)."""
+        from diffusion_jax.sampling.cld import _PF_EVALS
+        cc, s = self.config.cld, self.config.sample
+        per = _PF_EVALS[cc.ode_solver] if cc.sampler == "ode" else 1
+        return float(per * int(s.num_steps) + int(bool(s.denoise_final)))
+
     def generate(self, model: Model, eps_fn, params, n: int, seed: int, *, z=None,
                  num_steps: int | None = None, sampler: str | None = None):
         """n images from the phase-space prior by config.cld.sampler (or `sampler`: 'sscs', 'em',

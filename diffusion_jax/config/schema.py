@@ -477,6 +477,31 @@ SCHEMA: dict[str, dict[str, Field]] = {
                               doc="latent scale; None: 1 / std of the first diffusion-stage batch "
                                   "of latents (LDM's scale_by_std)"),
     },
+    "vq": {                           # model.family='divae' (Shi et al. 2022): VQ-VAE + diffusion decoder
+        "num_codes": Field(int, 64, check=_positive, doc="codebook size K (>= 2)"),
+        "code_dim": Field(int, 4, check=_positive, doc="code (embedding) dimension D"),
+        "beta": Field(float, 0.25, check=_non_negative, doc="commitment weight (VQ-VAE: 0.25)"),
+        "ema_decay": Field(float, 0.99, optional=True,
+                           doc="EMA codebook decay (Razavi et al. 2019); None: codebook learned by "
+                               "the codebook loss"),
+        "dead_after": Field(int, 100, optional=True, check=_positive,
+                            doc="EMA: restart a code unused for this many updates from a random "
+                                "encoder output of the batch (None: never)"),
+        "steps": Field(int, 0, check=_non_negative,
+                       doc="train steps of the VQ-VAE (L2 reconstruction by the deterministic "
+                           "decoder + commitment); then it is frozen and the diffusion decoder "
+                           "trains on (x0, z_q(x0)) for the remaining steps"),
+        "block_out_channels": Field(tuple, (32, 64), item=int,
+                                    doc="encoder / deterministic-decoder levels (image side / code "
+                                        "map side = 2^(levels - 1))"),
+        "layers_per_block": Field(int, 1, check=_positive),
+        "norm_num_groups": Field(int, 8, check=_positive, doc="divides every block_out_channels"),
+        "mid_attention": Field(bool, False),
+        "conditioning": Field(str, "concat", choices=("concat", "concat+time"),
+                              doc="how the diffusion UNet sees z_q: nearest-upsampled to the image "
+                                  "size and concatenated to x_t; '+time' also adds W mean(z_q) "
+                                  "to the time embedding"),
+    },
     "lsgm": {                         # model.family='lsgm' (Vahdat et al. 2021): VAE + score prior
         "vae_channels": Field(tuple, (32, 64), item=int,
                               doc="AutoencoderKL levels of the VAE (image side / latent side = "

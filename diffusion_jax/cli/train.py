@@ -181,6 +181,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
         last_t, last_step = time.perf_counter(), step
         budget = float(tc.get("max_seconds", 0.0) or 0.0)
         t_loop, t_excluded = time.perf_counter(), 0.0       # wall clock of the training steps
+        cpu_loop, cpu_excluded = time.process_time(), 0.0   # CPU time of this process (all threads)
         result["stopped_at_time_limit"] = False
         while step < tc.num_steps:
             batch, pending = (pending, None) if pending is not None else (next(batches), None)
@@ -197,7 +198,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 if not math.isfinite(host["loss"]):
                     bar.write(f"warning: non-finite loss {host['loss']} at step {step}")
             if tc.sample_every and step % tc.sample_every == 0:
-                t_sample = time.perf_counter()
+                t_sample, cpu_sample = time.perf_counter(), time.process_time()
                 path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
                 try:
                     n = int(config.sample.num_samples)
@@ -213,6 +214,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                     result["samples"].append(path)
                 last_t += time.perf_counter() - t_sample      # steps/s counts training only
                 t_excluded += time.perf_counter() - t_sample
+                cpu_excluded += time.process_time() - cpu_sample
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 save(step)
             if budget and step < tc.num_steps and (
@@ -227,6 +229,9 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 preempted = True
                 bar.write(f"stopping at step {step} on signal (checkpoint saved)")
                 break
+        jax.block_until_ready(state)
+        result["train_seconds"] = time.perf_counter() - t_loop - t_excluded
+        result["train_cpu_seconds"] = time.process_time() - cpu_loop - cpu_excluded
         if not preempted and step not in saved:
             save(step)
         ckpt.wait()
@@ -236,7 +241,6 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
             result["loss_curve"] = loss_curve(metrics_path, os.path.join(workdir, "loss_curve.png"))
         say(f"done: step {step}, checkpoints {saved}, {time.perf_counter() - t_start:.1f}s; "
              f"metrics in {metrics_path}")
-        result["train_seconds"] = time.perf_counter() - t_loop - t_excluded
         result.update(step=step, preempted=preempted, saved_steps=saved,
                       compile_seconds=compiled.compile_seconds, metrics=metrics_path)
         return result

@@ -185,6 +185,10 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "x0": ObjectiveSpec("x0_loss", "x0", _DENOISING_KW),
     "v": ObjectiveSpec("v_loss", "v", _DENOISING_KW),
     "flow": ObjectiveSpec("flow_matching_loss", "flow", _DENOISING_KW),   # velocity alpha' x0 + sigma' eps
+    # k-rectified flow on (data, noise) pairs of a teacher's ODE: --mode=reflow (cli/reflow.py)
+    "reflow": ObjectiveSpec("reflow_loss", "flow", {
+        k: _DENOISING_KW[k] for k in ("time_sampling", "reduce", "logit_mean", "logit_std",
+                                      "mode_scale")}),
     "dsm": ObjectiveSpec("score_matching_loss", "score", {
         "weighting": Field(str, "sigma2"),
         "importance_sampling": Field(bool, False),
@@ -391,6 +395,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "ode_solver": Field(str, "heun", choices=_cld_option("PF_SOLVERS"), doc="sampler 'ode'"),
         "score_time": Field(str, "mid", choices=_cld_option("SCORE_TIMES"),
                             doc="sampler 'sscs': score at the step midpoint, or its start (official)"),
+    },
+    "reflow": {                       # --mode=reflow (cli/reflow.py, Liu et al. 2023)
+        "teacher": Field(str, "", doc="workdir of the trained flow (objective 'flow') whose ODE "
+                                      "couples noise and data; the student starts from its EMA weights"),
+        "num_pairs": Field(int, 2048, check=_positive, doc="(noise, sample) pairs drawn once, kept in "
+                                                           "workdir/reflow/pairs.npz"),
+        "sampler": Field(str, "heun", choices=_sampler_names, doc="deterministic ODE sampler of the pairs"),
+        "num_steps": Field(int, 16, check=_positive, doc="its steps"),
+        "straightness_steps": Field(int, 64, check=_positive,
+                                    doc="Euler steps of the straightness S (teacher and student)"),
+        "eval_steps": Field(tuple, (1, 2, 4), item=int, doc="Euler steps of the few-step comparison"),
+        "num_eval": Field(int, 256, check=_positive, doc="fresh noises of the comparison"),
     },
     "sdedit": {                       # --mode=sdedit (cli/sdedit.py, Meng et al. 2022)
         "t0s": Field(tuple, (0.2, 0.35, 0.5, 0.65, 0.8, 1.0), item=float, check=_t0s_check,

@@ -222,6 +222,9 @@ def _check_cross(config):
         if config.model.hidden_size % config.model.num_heads:
             raise ConfigError(f"config.model.hidden_size={config.model.hidden_size} is not "
                               f"divisible by model.num_heads={config.model.num_heads}")
+    if config.objective.name == "reflow" and config.process.name != "flow":
+        raise ConfigError(f"config.objective.name='reflow' trains a rectified flow on its teacher's "
+                          f"pairs: config.process.name must be 'flow', got {config.process.name!r}")
     if config.objective.label_dropout > 0 and config.model.num_classes is None:
         raise ConfigError("config.objective.label_dropout > 0 needs a class-conditional model "
                           "(config.model.num_classes)")

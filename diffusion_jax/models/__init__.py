@@ -43,6 +43,7 @@ from diffusion_jax.models import pixel, autoencoder, latent, cld  # noqa: F401,E
 from diffusion_jax.models.autoencoder import DiffusionAutoencoderFamily, autoencoder_choices
 from diffusion_jax.models.cld import CLDFamily
 from diffusion_jax.models.pixel import PixelDiffusion
+from diffusion_jax.models import divae  # noqa: F401,E402  (registers 'divae')
 
 __all__ = ["Model", "ModelFamily", "register_family", "get_family", "registered_families",
            "family_name", "family_for", "sampling_params", "PixelDiffusion",

@@ -21,6 +21,8 @@ capabilities and never branch on its name:
                     on its scaled latents; generation decodes
     cld.py          'cld': critically-damped Langevin diffusion, a UNet on (x, v) in phase space
                     learns the velocity score; generation by SSCS / EM / PF-ODE (no scalar eps)
+    ddgan.py        'ddgan': denoising diffusion GAN, a z-conditioned UNet generator and a
+                    time-conditional discriminator trained in alternating phases; T-step generation
 
 config.model.family None (every config and checkpoint written before the field) resolves to
 'cld' when config.process.name is 'cld', 'autoencoder' when config.autoencoder.kind is not
@@ -40,9 +42,11 @@ host gathering), lazily; training never imports models.
 from diffusion_jax.models.base import (Model, ModelFamily, family_for, family_name, get_family,
                                        register_family, registered_families, sampling_params)
 from diffusion_jax.models import pixel, autoencoder, latent, cld  # noqa: F401,E402  (register the families)
+from diffusion_jax.models import ddgan  # noqa: F401,E402  (registers 'ddgan')
 from diffusion_jax.models.autoencoder import DiffusionAutoencoderFamily, autoencoder_choices
 from diffusion_jax.models.cld import CLDFamily
 from diffusion_jax.models.pixel import PixelDiffusion
+from diffusion_jax.models import lsgm  # noqa: F401,E402  (registers 'lsgm')
 from diffusion_jax.models import divae  # noqa: F401,E402  (registers 'divae')
 
 __all__ = ["Model", "ModelFamily", "register_family", "get_family", "registered_families",

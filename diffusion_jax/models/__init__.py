@@ -47,7 +47,6 @@ from diffusion_jax.models.autoencoder import DiffusionAutoencoderFamily, autoenc
 from diffusion_jax.models.cld import CLDFamily
 from diffusion_jax.models.pixel import PixelDiffusion
 from diffusion_jax.models import lsgm  # noqa: F401,E402  (registers 'lsgm')
-from diffusion_jax.models import lsgm  # noqa: F401,E402  (registers 'lsgm')
 from diffusion_jax.models import divae  # noqa: F401,E402  (registers 'divae')
 
 __all__ = ["Model", "ModelFamily", "register_family", "get_family", "registered_families",

@@ -11,6 +11,8 @@ autoencoder) described by a config file.
     python -m diffusion_jax --config=configs/default.py --workdir=runs/digits --mode=fid \\
         --config.quality.inception_weights=pt_inception-2015-12-05-6726825d.pth  # FID/IS/KID/PR
     python -m diffusion_jax --workdir=runs/digits --mode=sdedit              # SDEdit t0 sweep
+    python -m diffusion_jax --config=configs/reflow_digits.py --workdir=runs/reflow \
+        --config.reflow.teacher=runs/flow_digits --mode=reflow              # 2-rectified flow
     python -m diffusion_jax --workdir=runs/digits --mode=encode              # latents (.npz)
     ... --mode=reconstruct | interpolate | manipulate                       # autoencoders
     diffusion-jax ...                                 # the same, as a console script
@@ -21,6 +23,7 @@ autoencoder) described by a config file.
     report.py      report            probe.py      probe
     quality.py     fid (FID / IS / KID / precision-recall -> workdir/quality/*.json)
     sdedit.py      sdedit (SDEdit from corrupted test images over t0 -> workdir/sdedit/)
+    reflow.py      reflow (2-rectified flow from a trained flow run: pairs, training, comparison)
     autoencoder.py encode, reconstruct, interpolate, manipulate (families with an encoder)
     experiment.py  what they share: the model family's model (`diffusion_jax.models`) + optimiser,
                    mesh and train state built from the config
@@ -66,7 +69,7 @@ from diffusion_jax import config as cv
 from diffusion_jax.cli.experiment import CLIError, maybe_initialize_distributed, saved_config
 
 MODES = ("train", "sample", "eval", "report", "probe", "encode", "reconstruct", "interpolate",
-         "manipulate", "fid", "sdedit")
+         "manipulate", "fid", "sdedit", "reflow")
 
 __all__ = ["main", "run", "define_flags", "execute", "CLIError", "MODES"]
 
@@ -213,8 +216,9 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
         raise CLIError("--workdir is required")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if config is None:
-        if mode == "train":
-            raise CLIError("--config is required for training (e.g. --config=configs/default.py)")
+        if mode in ("train", "reflow"):
+            raise CLIError(f"--config is required for --mode={mode} (e.g. --config=configs/"
+                           f"{'default' if mode == 'train' else 'reflow_digits'}.py)")
         config = saved_config(workdir)
     cv.validate(config)
     from diffusion_jax.models import family_for
@@ -222,9 +226,16 @@ def execute(config, workdir: str | None, mode: str = "train", *, step: int | Non
     from diffusion_jax.cli.pretrained import resolve_init_from
     resolve_init_from(config, workdir)        # model.init_from: the network from published weights
     maybe_initialize_distributed(config)
-    if mode == "train":
-        from diffusion_jax.cli.train import run_train
-        result = run_train(config, workdir, progress=progress)
+    if mode == "train" and config.objective.name == "reflow":
+        raise CLIError("config.objective.name='reflow' trains on a teacher's (noise, sample) pairs: "
+                       "use --mode=reflow with config.reflow.teacher (see configs/reflow_digits.py)")
+    if mode in ("train", "reflow"):
+        if mode == "reflow":
+            from diffusion_jax.cli.reflow import run_reflow
+            result = run_reflow(config, workdir, progress=progress)
+        else:
+            from diffusion_jax.cli.train import run_train
+            result = run_train(config, workdir, progress=progress)
         if config.report.enabled and not result.get("preempted"):
             from diffusion_jax.cli.report import run_report
             result["report"] = run_report(config, workdir)

@@ -150,6 +150,8 @@ class Batches:
     def __next__(self):
         b = next(self._it)
         out = {"x": b["x"]}
+        if "noise" in b:                  # --mode=reflow: each image's paired noise
+            out["noise"] = b["noise"]
         if self.conditional:
             out["cond"] = {"label": b["label"]}
         return out

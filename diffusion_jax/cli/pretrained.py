@@ -179,21 +179,28 @@ def pretrained_params(config, image_shape) -> dict:
     return params
 
 
-def initial_state(exp, seed: int):
-    """A fresh TrainState in `exp`'s sharded layout; with model.init_from its params and every EMA
-    copy are the converted weights (each its own device buffers)."""
+def initial_state(exp, seed: int, *, params=None):
+    """A fresh TrainState in `exp`'s sharded layout; with model.init_from (or `params`, host
+    arrays of the network's structure, e.g. a teacher run's EMA weights) its params and every EMA
+    copy are those weights (each its own device buffers)."""
     import jax
     import numpy as np
     from diffusion_jax import training as T
     state = T.init_train_state(exp.init_fn, exp.mesh, np.asarray(jax.random.PRNGKey(seed)),
                                exp.rules).state
-    if not exp.config.model.init_from:
+    if params is None and not exp.config.model.init_from:
         return state
-    host = pretrained_params(exp.config, exp.image_shape)
+    what = "the given parameters" if params is not None else "model.init_from"
+    host = params if params is not None else pretrained_params(exp.config, exp.image_shape)
     want = jax.tree_util.tree_structure(state.params)
     if jax.tree_util.tree_structure(host) != want:
-        raise CLIError(f"model.init_from: the converted parameters do not have the network's "
+        raise CLIError(f"{what}: the parameters do not have the network's "
                        f"structure ({jax.tree_util.tree_structure(host)} vs {want})")
+    bad = [f"{jax.tree_util.keystr(p)}: {np.shape(a)} vs {l.shape}" for (p, a), l in
+           zip(jax.tree_util.tree_flatten_with_path(host)[0], jax.tree_util.tree_leaves(state.params))
+           if tuple(np.shape(a)) != tuple(l.shape)]
+    if bad:
+        raise CLIError(f"{what}: parameter shapes differ from the network's ({'; '.join(bad[:3])})")
 
     def place(tree):
         return jax.tree_util.tree_map(
@@ -201,6 +208,6 @@ def initial_state(exp, seed: int):
                 like.shape, like.sharding, lambda idx, a=a: np.asarray(a, like.dtype)[idx]),
             host, tree)
 
-    say(f"initialised the network from {exp.config.model.init_from}")
+    say(f"initialised the network from {exp.config.model.init_from or what}")
     return state.replace(params=place(state.params),
                          ema={k: place(v) for k, v in state.ema.items()})

@@ -102,7 +102,12 @@ class _Progress:
 
 
 
-def run_train(config, workdir: str, *, progress: bool = True) -> dict:
+def run_train(config, workdir: str, *, progress: bool = True, loader=None,
+              init_params=None) -> dict:
+    """Trains config's model in workdir (resuming from its newest checkpoint). loader: the batches
+    instead of the train split's (an iterator of {'x', ...} host batches with get_state /
+    set_state; --mode=reflow's pairs); init_params: host parameters a fresh run starts from (its
+    params and every EMA copy; the optimiser's moments at zero)."""
     import jax
     from diffusion_jax.training.loop import config_diff, truncate_metrics
     from diffusion_jax import training as T
@@ -117,8 +122,9 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
     exp = build_experiment(config, image_shape_of(source), repa_target=repa and repa[0])
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    loader = make_loader(source, batch_size=config.data.batch_size, seed=config.train.seed,
-                         random_flip=config.data.random_flip)
+    if loader is None:
+        loader = make_loader(source, batch_size=config.data.batch_size, seed=config.train.seed,
+                             random_flip=config.data.random_flip)
     batches = Batches(loader, exp.num_classes is not None)
     tc = config.train
     ckpt = T.Checkpointer(ckpt_dir(workdir), max_to_keep=tc.keep)
@@ -145,7 +151,7 @@ def run_train(config, workdir: str, *, progress: bool = True) -> dict:
                 truncate_metrics(metrics_path, restored.step)
         else:
             say(f"starting a new run in {workdir}")
-            state = initial_state(exp, tc.seed)     # model.init_from: the published weights
+            state = initial_state(exp, tc.seed, params=init_params)   # or model.init_from's
         step = int(jax.device_get(state.step))
         writer = MetricsWriter(workdir, jsonl="metrics.jsonl", primary=primary)
         if restored is not None:

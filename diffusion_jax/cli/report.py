@@ -192,12 +192,34 @@ def run_report(config, workdir: str, step=None, *, progress=say) -> dict:
         progress(f"report: first-stage reconstructions of {m} test images")
         rec = np.asarray(fam.first_stage_reconstructions(exp, params, test["x"][:m]), np.float32)
         mse = float(np.mean((rec - np.asarray(test["x"][:m], np.float32)) ** 2))
-        png = image_grid(np.concatenate([test["x"][:k], rec[:k]]),
+        extra = fam.first_stage_report(exp, params, test["x"][:m]) or {}
+        label = extra.get("label", "decode(encode(x)) by the first stage")
+        others = {name: np.asarray(o, np.float32) for name, o in
+                  (extra.get("reconstructions") or {}).items()}
+        png = image_grid(np.concatenate([test["x"][:k], rec[:k]] + [o[:k] for o in others.values()]),
                          os.path.join(out, "first_stage_reconstructions.png"), ncol=k)
+        rows_txt = "; ".join([label] + list(others))
         rep.add_image("First-stage reconstructions", rel(png),
-                      caption=f"rows: test images; decode(encode(x)) by the first stage; MSE per "
-                              f"pixel (images in [-1, 1]) over {m} test images: {mse:.4g}")
+                      caption=f"rows: test images; {rows_txt}; MSE per pixel (images in [-1, 1]) "
+                              f"over {m} test images: {mse:.4g}")
         numbers["first_stage_reconstruction_mse"] = mse
+        if others or extra.get("numbers"):
+            x_m = np.asarray(test["x"][:m], np.float32)
+            pred_x = classifier.predict(x_m) if classifier is not None else None
+            rows = []
+            for name, o in [(label, rec), *others.items()]:
+                row = {"reconstruction": name, "MSE": float(np.mean((o - x_m) ** 2))}
+                if pred_x is not None:
+                    row["classifier agreement"] = float(np.mean(
+                        classifier.predict(np.clip(o, -1, 1)) == pred_x))
+                rows.append(row)
+            rep.add_table("First-stage reconstructions compared", rows,
+                          caption=f"{m} test images; classifier agreement: share whose predicted "
+                                  f"class (the evaluation classifier) is the original's"
+                                  + "".join(f"; {k_}: {v:.4g}" for k_, v in
+                                            (extra.get("numbers") or {}).items()))
+            numbers["first_stage_compared"] = rows
+            numbers.update({f"first_stage_{k_}": v for k_, v in (extra.get("numbers") or {}).items()})
 
     if fam.has_encoder:
         k = min(int(r.num_reconstructions), len(test["x"]))

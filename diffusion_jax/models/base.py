@@ -301,6 +301,12 @@ class ModelFamily:
         array shaped like `images`, in [-1, 1] up to the model's error); the report shows them."""
         raise NotImplementedError(f"model family {self.name!r} has no first stage")
 
+    def first_stage_report(self, model: Model, params, images) -> dict | None:
+        """(has_first_stage) more for the report's first-stage section, or None: {'label': what
+        `first_stage_reconstructions` shows, 'reconstructions': {name: images from other decoders of
+        the same latents}, 'numbers': {name: float}} (DiVAE: its deterministic decoder, code usage)."""
+        return None
+
     # ------------------------------------------------------------------ encoder families
     @property
     def needs_train_latents(self) -> bool:

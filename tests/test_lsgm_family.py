@@ -241,23 +241,35 @@ def test_lsgm_digits_config_resolves():
     assert fam.name == "lsgm" and fam.latent_shape((16, 16, 1)) == (8, 8, 2)
 
 
+def test_lsgm_cifar10_config_is_the_papers_balanced_model():
+    c = cv.load_config(os.path.join(ROOT, "configs", "lsgm_cifar10.py"))
+    fam = M.family_for(c)
+    assert fam.latent_shape((32, 32, 3)) == (16, 16, 180)          # NVAE's 20 x 9 top-scale latents
+    assert c.train.num_steps == 117_188 + 366_211 and c.lsgm.warmup_vae_steps == 117_188
+    assert (c.lsgm.vae_lr, c.lsgm.prior_lr, c.lsgm.mixing_logit_init) == (1e-4, 1e-4, -3.0)
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks, c.model.dropout) == (512, (1, 1, 1), 8, 0.2)
+    assert c.process.kwargs.t_min == 0.01 and c.lsgm.prior_weighting == "eps"
+
+
 def test_lsgm_from_the_command_line(tmp_path, compile_cache):
     """configs/lsgm_digits.py shrunk to 4 steps (2 of VAE warm-up): checkpoint, sample grid, the
-    report with first-stage reconstructions and their MSE; --mode=sample decodes images."""
+    report with first-stage reconstructions and their MSE; --mode=eval reports the family's bound
+    (eval.bpd), its terms summing to it."""
     from diffusion_jax import cli
     workdir = str(tmp_path / "lsgm")
     cfg = os.path.join(ROOT, "configs", "lsgm_digits.py")
-    out = cli.main(["diffusion_jax", f"--config={cfg}", f"--workdir={workdir}",
-                    f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.batch_size=8",
-                    "--config.model.ch=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
-                    "--config.lsgm.vae_channels=(8,8)", "--config.lsgm.vae_norm_groups=4",
-                    "--config.lsgm.warmup_vae_steps=2", "--config.train.num_steps=4",
-                    "--config.train.sample_every=4", "--config.train.log_every=1",
-                    "--config.train.checkpoint_every=4", "--config.optim.warmup_steps=1",
-                    "--config.sample.num_steps=2", "--config.sample.num_samples=8",
-                    "--config.sample.batch_size=8", "--config.readout.num_train=64",
-                    "--config.readout.num_test=32", "--config.report.num_reconstructions=4",
-                    "--noprogress"])
+    argv = ["diffusion_jax", f"--config={cfg}", f"--workdir={workdir}",
+            f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.batch_size=8",
+            "--config.model.ch=8", "--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
+            "--config.lsgm.vae_channels=(8,8)", "--config.lsgm.vae_norm_groups=4",
+            "--config.lsgm.warmup_vae_steps=2", "--config.train.num_steps=4",
+            "--config.train.sample_every=4", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=4", "--config.optim.warmup_steps=1",
+            "--config.sample.num_steps=2", "--config.sample.num_samples=8",
+            "--config.sample.batch_size=8", "--config.report.num_reconstructions=4",
+            "--config.report.feature_distance=False", "--config.eval.num_batches=1",
+            "--config.eval.bpd_num_examples=4", "--noprogress"]
+    out = cli.main(argv)
     assert out["step"] == 4
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f if line.strip()]
@@ -269,6 +281,8 @@ def test_lsgm_from_the_command_line(tmp_path, compile_cache):
     assert os.path.getsize(os.path.join(workdir, "report", "first_stage_reconstructions.png")) > 0
     with open(os.path.join(workdir, "report.json")) as f:
         assert 0.0 < json.load(f)["first_stage_reconstruction_mse"] < 4.0
-    out = cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=sample"])
-    with np.load(out["npz"]) as z:
-        assert z["x"].shape == (8, 16, 16, 1) and np.isfinite(z["x"]).all()
+
+    out = cli.main(argv + ["--mode=eval", "--config.eval.bpd=True"])
+    assert out["step"] == 4 and out["bpd_num_examples"] == 4 and out["bpd"] > 0
+    assert out["bpd"] == pytest.approx(out["bpd_rec"] + out["bpd_log_q"] + out["bpd_prior"], rel=1e-4)
+    assert out["bpd_t_min"] == pytest.approx(0.01)

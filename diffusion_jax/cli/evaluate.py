@@ -83,8 +83,16 @@ def _bits_per_dim(exp: Experiment, state, batch) -> dict:
         say("eval.bpd: diffusion_jax.likelihood is not available; skipped")
         return {}
     cfg = exp.config
-    eps_fn = make_eps_fn(exp)
     t_min = float(exp.process.t_min if cfg.eval.bpd_t_min is None else cfg.eval.bpd_t_min)
+    family_bound = getattr(exp.family, "image_bits_per_dim", None)
+    if family_bound is not None:                  # a family with its own bound (LSGM: VAE + ODE prior)
+        out = family_bound(exp, sampling_params(exp, state), batch["x"],
+                           jax.random.PRNGKey(cfg.train.seed + 2), t_min=t_min,
+                           repeats=int(cfg.eval.bpd_repeats))
+        say(f"bits/dim: {exp.family.title()}'s bound, prior density by the PF-ODE at t = {t_min:g}, "
+            f"{int(cfg.eval.bpd_repeats)} posterior sample(s)")
+        return out
+    eps_fn = make_eps_fn(exp)
 
     @jax.jit
     def run(params, batch, key):

@@ -75,6 +75,7 @@ def test_phased_step_is_disc_adam_then_gen_adam_against_the_updated_discriminato
     init = T.make_init_fn(model.init_params, tx, (0.9,),
                           init_model_state_fn=lambda k: model.init_model_state(None))
     state0 = jax.jit(init, **FAST)(jax.random.PRNGKey(0))
+    state0 = state0.replace(model_state={"step": jnp.ones((), jnp.int32)})     # R1 off at step 1
     step = jax.jit(T.make_train_step(loss_fn, tx, schedule, return_grads=True), **FAST)
     x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (B, S, S, C)), jnp.float32)
     batch, rng = {"x": x}, jax.random.PRNGKey(7)
@@ -82,7 +83,13 @@ def test_phased_step_is_disc_adam_then_gen_adam_against_the_updated_discriminato
 
     p0, ms0 = nn.unbox(state0.params), state0.model_state
     p1 = nn.unbox(state1.params)
-    d_loss, g_loss = (ph.loss_fn for ph in loss_fn.phases)
+    # the reference losses: the same family without R1 (R1 is off at step 1 of lazy_reg = 2, so the
+    # 'disc' loss there is the same), which keeps the second-order R1 graph out of this compilation
+    ref = tiny_config()
+    ref.unlock()
+    ref.ddgan.r1_gamma = 0.0
+    ref_fam = M.family_for(cv.validate(ref))
+    d_loss, g_loss = (ph.loss_fn for ph in ref_fam.build((S, S, C)).loss_fn.phases)
 
     @jax.jit
     def grads(p, ms):
@@ -111,10 +118,10 @@ def test_phased_step_is_disc_adam_then_gen_adam_against_the_updated_discriminato
     assert float(m["loss"]) == float(m["gen/loss"]) and math.isfinite(float(m["disc/loss"]))
     assert float(m["grad_norm/discriminator"]) == pytest.approx(float(optax.tree.norm(g_d)), rel=1e-5)
 
-    # the lazy R1 (lazy_reg = 2): on at step 0, off at step 1; the 'gen' phase counts the steps
-    assert int(state1.model_state["step"]) == 1 and float(m["disc/r1"]) > 0
+    # the lazy R1 (lazy_reg = 2): off at step 1, on at step 2; the 'gen' phase counts the steps
+    assert int(state1.model_state["step"]) == 2 and float(m["disc/r1"]) == 0.0
     state2, m2 = step(state1, batch, jax.random.PRNGKey(8))
-    assert int(state2.model_state["step"]) == 2 and float(m2["disc/r1"]) == 0.0
+    assert int(state2.model_state["step"]) == 3 and float(m2["disc/r1"]) > 0
 
 
 def test_generator_step_is_the_ddpm_posterior_of_its_x0_and_generate_ends_at_x0():
@@ -147,8 +154,8 @@ def test_generator_step_is_the_ddpm_posterior_of_its_x0_and_generate_ends_at_x0(
     # the residual is uncorrelated with x_{t+1}: c2 is right (a wrong c2 leaves (c2 - c2') x_{t+1})
     assert abs(np.corrcoef(r, x_tp1[k].ravel())[0, 1]) < 5 / math.sqrt(r.size)
 
-    x, labels = fam.generate(model, fam.make_eps_fn(model), params, 5, 0)
-    assert x.shape == (5, S, S, C) and labels is None and fam.make_eps_fn(model) is None
+    x, labels = fam.generate(model, fam.make_eps_fn(model), params, 4, 0)     # 2 batches of 2
+    assert x.shape == (4, S, S, C) and labels is None and fam.make_eps_fn(model) is None
     np.testing.assert_allclose(x, x0, atol=1e-5)
     assert fam.sampler_description() == f"DDGAN, T = {T_steps} generator steps"
     with pytest.raises(ValueError, match="num_steps=5"):
@@ -180,12 +187,12 @@ def test_configs_load_and_resolve_to_the_family():
 def test_tiny_cli_run_writes_checkpoint_samples_and_report(tmp_path, compile_cache):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
     argv = [f"--config={DIGITS}" if a.startswith("--config=") else a for a in tiny(workdir, data_dir)]
-    argv = [a for a in argv if not a.startswith(("--config.report.enabled", "--config.model.ch_mult"))]
-    argv += ["--config.model.ch_mult=(1,2)", "--config.model.attn_resolutions=()",
-             "--config.ddgan.nz=8", "--config.ddgan.z_emb_dim=16", "--config.ddgan.n_mlp=1",
-             "--config.ddgan.ngf=8", "--config.ddgan.disc_ch_mult=(2,)", "--config.ddgan.t_emb_dim=16",
-             "--config.ddgan.lazy_reg=2", "--config.train.num_steps=3",
-             "--config.train.sample_every=3", "--config.train.checkpoint_every=3",
+    argv = [a for a in argv if not a.startswith("--config.report.enabled")]
+    argv += ["--config.model.mid_attn=False", "--config.ddgan.nz=4", "--config.ddgan.z_emb_dim=8",
+             "--config.ddgan.n_mlp=1", "--config.ddgan.ngf=8", "--config.ddgan.disc_ch_mult=(1,)",
+             "--config.ddgan.t_emb_dim=8", "--config.ddgan.r1_gamma=0.0", "--config.train.num_steps=3",
+             "--config.train.sample_every=0", "--config.train.checkpoint_every=0",
+             "--config.readout.num_train=64", "--config.readout.num_test=32",
              "--config.report.enabled=True"]
     out = cli.main(argv)
     assert out["step"] == 3
@@ -195,9 +202,7 @@ def test_tiny_cli_run_writes_checkpoint_samples_and_report(tmp_path, compile_cac
     for r in records:
         assert all(math.isfinite(r[k]) for k in ("loss", "disc/loss", "gen/loss",
                                                  "grad_norm/generator", "grad_norm/discriminator")), r
-    assert [r["disc/r1"] > 0 for r in records] == [True, False, True]
-    assert os.listdir(os.path.join(workdir, "checkpoints"))
-    assert os.path.getsize(os.path.join(workdir, "samples", "step_00000003.png")) > 0
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
     with open(os.path.join(workdir, "report.md")) as f:
         md = f.read()
     assert "DDGAN, T = 4 generator steps" in md and "Denoising diffusion GAN" in md

@@ -37,6 +37,29 @@ def train_run(config_arg: str, workdir: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def ddpm_generate(exp, eps_fn, params, n: int, seed: int, sampler: str, steps: int):
+    """`ModelFamily.generate` of a pixel run with another sampler: config.sample's options that the
+    sampler takes (clip_x0 for ancestral / DDIM; DPM-Solver++ has none), its batches and keys."""
+    import inspect
+
+    import jax
+    from diffusion_jax.sampling import get_sampler, sample
+    from diffusion_jax.training import to_host
+    s = exp.config.sample
+    accepted = inspect.signature(get_sampler(sampler).fn).parameters
+    kwargs = {k: s.kwargs[k] for k in s.kwargs.keys() if s.kwargs[k] is not None and k in accepted}
+    key, xs, done = jax.random.PRNGKey(seed), [], 0
+    while done < n:
+        b = min(int(s.batch_size), n - done)
+        model_cond, _ = exp.family.batch_cond(exp, done, done + b)
+        out = sample(sampler, eps_fn, exp.process, jax.random.fold_in(key, done), (b, *exp.image_shape),
+                     num_steps=steps, spacing=s.spacing, cond={"params": params, "model_cond": model_cond},
+                     t_end=s.t_end, denoise_final=bool(s.denoise_final), **kwargs)
+        xs.append(np.asarray(to_host(out.x), np.float32))
+        done += b
+    return np.concatenate(xs), None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ddgan_run", default=None, help="workdir of a configs/ddgan_digits.py run")
@@ -100,11 +123,16 @@ def main():
             steps = nfe
         else:
             nfe = steps * get_sampler(sampler).nfe_per_step + int(bool(config.sample.denoise_final))
-        kw = {} if key == "ddgan" else {"sampler": sampler, "num_steps": steps}
+        if key == "ddgan":
+            def gen(n, seed):
+                return generate(exp, eps_fn, params, n, seed)
+        else:
+            def gen(n, seed):
+                return ddpm_generate(exp, eps_fn, params, n, seed, sampler, steps)
         bs = int(config.sample.batch_size)
-        generate(exp, eps_fn, params, min(bs, args.num_samples), args.seed + 1, **kw)   # compile
+        gen(min(bs, args.num_samples), args.seed + 1)                     # compile
         t1 = time.time()
-        x, _ = generate(exp, eps_fn, params, args.num_samples, args.seed, **kw)
+        x, _ = gen(args.num_samples, args.seed)
         secs = time.time() - t1
         x = np.clip(x, -1.0, 1.0)
         name = f"{key}_{(sampler or 'ddgan')}_{steps}"

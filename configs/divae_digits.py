@@ -5,7 +5,8 @@
 VQ-VAE: encoder (networks.autoencoder_kl levels (32, 64), 1 res block per level, no mid attention)
 16x16x1 -> a 8x8 map of 4-dim codes (f = 2), codebook of 64 codes by EMA (decay 0.99) with
 dead-code restarts after 100 unused updates, commitment beta 0.25, trained with its deterministic
-decoder (the mirror of the encoder) on the L2 reconstruction for the first 600 of 1 500 steps.
+decoder (networks.autoencoder_kl.VAEDecoder, levels (48, 88): 738k parameters, the size of the
+diffusion UNet's 756k) on the L2 reconstruction for the first 600 of 1 500 steps.
 Then the VQ is frozen and the diffusion decoder (the embedded default's UNet: ch 32, ch_mult
 (1, 2), 1 res block, attention at 8x8, AdaGN; cosine process, v prediction) trains for the
 remaining 900 steps on (x0, z_q(x0)), z_q nearest-upsampled to 16x16 and concatenated to x_t.
@@ -37,6 +38,7 @@ def get_config():
     vq.layers_per_block = 1
     vq.norm_num_groups = 8
     vq.mid_attention = False
+    vq.decoder_channels = (48, 88)    # the deterministic decoder: 738k parameters, the UNet 756k
     vq.conditioning = "concat"
 
     model = config.model

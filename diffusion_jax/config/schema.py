@@ -513,6 +513,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "layers_per_block": Field(int, 1, check=_positive),
         "norm_num_groups": Field(int, 8, check=_positive, doc="divides every block_out_channels"),
         "mid_attention": Field(bool, False),
+        "decoder_channels": Field(tuple, None, optional=True, item=int,
+                                  doc="levels of the deterministic decoder (same count as "
+                                      "block_out_channels); None: block_out_channels (set it to "
+                                      "match the diffusion UNet's size for the comparison)"),
         "conditioning": Field(str, "concat", choices=("concat", "concat+time"),
                               doc="how the diffusion UNet sees z_q: nearest-upsampled to the image "
                                   "size and concatenated to x_t; '+time' also adds W mean(z_q) "

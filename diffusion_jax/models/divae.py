@@ -58,7 +58,7 @@ __all__ = ["DiVAE", "DiVAENet", "VQAutoencoder", "CodeConditionedUNet", "code_sh
 # vq fields that fix the parameter tree, the model state and shapes (a checkpoint's structure)
 _SHAPING = {"num_codes": 64, "code_dim": 4, "ema_decay": 0.99, "block_out_channels": (32, 64),
             "layers_per_block": 1, "norm_num_groups": 8, "mid_attention": False,
-            "conditioning": "concat"}
+            "decoder_channels": None, "conditioning": "concat"}
 
 
 def upsample_codes(zq, factor: int):
@@ -79,6 +79,7 @@ class VQAutoencoder(nn.Module):
     layers_per_block: int = 1
     norm_num_groups: int = 8
     mid_attention: bool = False
+    decoder_channels: Any = None           # None: block_out_channels
 
     def setup(self):
         from diffusion_jax.networks.autoencoder_kl import VAEDecoder, VAEEncoder
@@ -89,7 +90,8 @@ class VQAutoencoder(nn.Module):
         self.encoder = VAEEncoder(self.code_dim, **arch)
         self.quantizer = VectorQuantizer(num_codes=self.num_codes, dim=self.code_dim, beta=self.beta,
                                          ema_decay=self.ema_decay, dead_after=self.dead_after)
-        self.decoder = VAEDecoder(self.out_channels, **arch)
+        dec = {**arch, "block_out_channels": tuple(self.decoder_channels or self.block_out_channels)}
+        self.decoder = VAEDecoder(self.out_channels, **dec)
 
     def encode(self, x):
         """z_e (B, h, w, code_dim) float32, before quantisation."""
@@ -219,6 +221,11 @@ class DiVAE(ModelFamily):
         if not chans or any(ch % v.norm_num_groups for ch in chans):
             raise cv.ConfigError(f"config.vq.block_out_channels {chans} must be non-empty multiples "
                                  f"of config.vq.norm_num_groups={v.norm_num_groups}")
+        dch = None if v.decoder_channels is None else tuple(v.decoder_channels)
+        if dch is not None and (len(dch) != len(chans) or any(ch % v.norm_num_groups for ch in dch)):
+            raise cv.ConfigError(f"config.vq.decoder_channels {dch} must have as many levels as "
+                                 f"config.vq.block_out_channels {chans} (the same code map side) "
+                                 f"and be multiples of config.vq.norm_num_groups={v.norm_num_groups}")
         side = int(c.data.image_size)
         h, _, _ = code_shape(c, (side, side, 1))
         if c.model.type != "unet":
@@ -269,7 +276,9 @@ class DiVAE(ModelFamily):
                            dead_after=None if v.dead_after is None else int(v.dead_after),
                            block_out_channels=tuple(v.block_out_channels),
                            layers_per_block=int(v.layers_per_block),
-                           norm_num_groups=int(v.norm_num_groups), mid_attention=bool(v.mid_attention))
+                           norm_num_groups=int(v.norm_num_groups), mid_attention=bool(v.mid_attention),
+                           decoder_channels=None if v.decoder_channels is None
+                           else tuple(v.decoder_channels))
         fields, dtype = network_fields(self.config, image_shape)
         pooled = v.conditioning == "concat+time"
         fields = {**fields, "out_channels": int(image_shape[-1]),
@@ -348,7 +357,15 @@ class DiVAE(ModelFamily):
                                "usage": Q.code_usage(idx, num_codes), "restarted": zero,
                                "diffusion_loss": loss}, stats)
 
-            loss, (aux, new_stats) = jax.lax.cond(step < K, vq_stage, diffusion_stage, params)
+            # both stages evaluated, one selected: under jax.grad a lax.cond here ran the VQ branch
+            # ~25x slower than outside it on CPU (XLA), while both stages together cost ~1.7x one
+            in_vq = step < K
+            l_vq, (a_vq, s_vq) = vq_stage(params)
+            l_df, (a_df, s_df) = diffusion_stage(params)
+            pick = lambda a, b: jnp.where(in_vq, a, b)
+            loss = pick(l_vq, l_df)
+            aux = {k: pick(a_vq[k], a_df[k]) for k in a_vq}
+            new_stats = tmap(pick, s_vq, s_df)
             aux = {k: jnp.asarray(a, f32) for k, a in aux.items()}
             aux["model_state"] = {"step": step + 1, "vq": frozen, "vq_stats": new_stats}
             return loss, aux

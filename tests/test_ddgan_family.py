@@ -193,6 +193,7 @@ def test_tiny_cli_run_writes_checkpoint_samples_and_report(tmp_path, compile_cac
              "--config.ddgan.t_emb_dim=8", "--config.ddgan.r1_gamma=0.0", "--config.train.num_steps=3",
              "--config.train.sample_every=0", "--config.train.checkpoint_every=0",
              "--config.readout.num_train=64", "--config.readout.num_test=32",
+             "--config.report.classifier_steps=20",
              "--config.report.enabled=True"]
     out = cli.main(argv)
     assert out["step"] == 3

@@ -16,7 +16,8 @@ final denoising step: 101 network evaluations.
 
 Not a paper configuration (configs/cld_cifar10.py is): sizes and rates are chosen for speed, and the
 time embedding is the UNet's sinusoidal one of 1000 t (the official NCSN++ uses Gaussian Fourier
-features of log t). No bits/dim eval and no probe table (CLD has no scalar eps; models/cld.py).
+features of log t). --mode=eval with eval.bpd=True gives the paper's phase-space bits/dim bound; no
+probe table (CLD has no scalar eps; models/cld.py).
 """
 from ml_collections import config_dict
 

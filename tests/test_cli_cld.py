@@ -1,7 +1,8 @@
 """CLD through the command line (`cli.main`, model.family='cld', configs/cld_digits.py shrunk like
 test_cli's `tiny`): 3 training steps write finite metrics and a sample grid, --mode=sample draws
-images of the data's shape through the family's phase-space sampler, and a bad mass / damping or a
-mode that needs a scalar eps is refused at load time with the field named."""
+images of the data's shape through the family's phase-space sampler, --mode=eval gives the paper's
+phase-space bits/dim bound, and a bad mass / damping or a mode that needs a scalar eps (the readout
+probe) is refused at load time with the field named."""
 from __future__ import annotations
 
 import json
@@ -45,14 +46,21 @@ def test_cld_trains_and_samples(tmp_path, compile_cache):
     with np.load(out["npz"]) as z:
         assert z["x"].shape == (8, 16, 16, 1) and np.isfinite(z["x"]).all()
 
+    # --mode=eval with eval.bpd: the phase-space bound (family.image_bits_per_dim), 2 test images
+    ev = cli.main(tiny_cld(workdir, data_dir, "--mode=eval", "--config.eval.bpd=True",
+                           "--config.eval.bpd_num_examples=2", "--config.eval.num_batches=1"))
+    assert ev["bpd_num_examples"] == 2 and ev["bpd_t_min"] > 0 and ev["bpd_nfe"] > 0
+    assert 1.0 < ev["bpd"] < 40.0
+
 
 @pytest.mark.parametrize("override, named", [
     ("--config.process.kwargs.m_inv=-1.0", r"config\.process: m_inv"),
     ("--config.process.kwargs.damping=3.0", r"config\.process: m_inv.*critical damping"),
     ("--config.objective.name=eps", r"config\.objective\.name='eps'.*config\.process\.name='cld'"),
-    ("--config.eval.bpd=True", r"config\.eval\.bpd"),
+    (("--config.report.enabled=True", "--config.report.probe=True"), r"config\.report\.probe"),
 ])
 def test_cld_bad_config_is_refused_at_load(tmp_path, override, named):
     with pytest.raises(cv.ConfigError, match=named):
-        cli.main(tiny_cld(str(tmp_path / "run"), str(tmp_path / "data"), override))
+        extra = override if isinstance(override, tuple) else (override,)
+        cli.main(tiny_cld(str(tmp_path / "run"), str(tmp_path / "data"), *extra))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

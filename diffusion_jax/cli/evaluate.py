@@ -89,8 +89,8 @@ def _bits_per_dim(exp: Experiment, state, batch) -> dict:
         out = family_bound(exp, sampling_params(exp, state), batch["x"],
                            jax.random.PRNGKey(cfg.train.seed + 2), t_min=t_min,
                            repeats=int(cfg.eval.bpd_repeats))
-        say(f"bits/dim: {exp.family.title()}'s bound, prior density by the PF-ODE at t = {t_min:g}, "
-            f"{int(cfg.eval.bpd_repeats)} posterior sample(s)")
+        say(f"bits/dim: {exp.family.title()}'s bound (family.image_bits_per_dim; see its "
+            f"docstring), t_min = {t_min:g}, {int(cfg.eval.bpd_repeats)} repeat(s)")
         return out
     eps_fn = make_eps_fn(exp)
 

@@ -112,7 +112,8 @@ class ModelFamily:
             return
         why = (f"the model family {self.name!r} has no scalar eps (a denoiser of a scalar alpha / "
                f"sigma process)")
-        if _get(_get(self.config, "eval"), "bpd", False):
+        own_bound = getattr(type(self), "image_bits_per_dim", None) is not None
+        if _get(_get(self.config, "eval"), "bpd", False) and not own_bound:
             raise cv.ConfigError(f"config.eval.bpd: {why}, which the PF-ODE bits/dim needs; set "
                                  f"config.eval.bpd=False")
         report = _get(self.config, "report")

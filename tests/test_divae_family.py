@@ -216,3 +216,8 @@ def test_divae_from_the_command_line(tmp_path, compile_cache):
     assert any("perplexity" in r for r in recs) and any("usage" in r for r in recs)
     with open(os.path.join(workdir, "report.md")) as f:
         assert "First-stage reconstructions compared" in f.read()
+
+    # --mode=sample from the checkpoint alone: the family reads what it needs from the train state
+    smp = cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=sample", "--noprogress"])
+    with np.load(smp["npz"]) as z:
+        assert z["x"].shape == (8, 16, 16, 1) and np.isfinite(z["x"]).all()

@@ -143,3 +143,8 @@ def test_ldm_from_the_command_line_writes_first_stage_reconstructions(tmp_path, 
     assert 0.0 < mse < 2.0
     with open(os.path.join(workdir, "report.md")) as f:
         assert "First-stage reconstructions" in f.read()
+
+    # --mode=sample from the checkpoint alone: the family reads what it needs from the train state
+    smp = cli.main(["diffusion_jax", f"--workdir={workdir}", "--mode=sample", "--noprogress"])
+    with np.load(smp["npz"]) as z:
+        assert z["x"].shape == (8, 16, 16, 1) and np.isfinite(z["x"]).all()

@@ -8,6 +8,17 @@ from diffusion_jax.cli.experiment import CLIError, say, make_eps_fn, sampling_pa
 from diffusion_jax.cli.pretrained import load_run
 
 
+def _first_train_images(config):
+    """k -> the first k training images (float, [-1, 1]), read only if a family asks."""
+    def first(k):
+        import numpy as np
+        from diffusion_jax.cli.experiment import open_split
+        from diffusion_jax.data import to_model_input
+        source = open_split(config, "train")
+        return to_model_input(source.get_batch(np.arange(k) % len(source)))["x"]
+    return first
+
+
 def run_sample(config, workdir: str, step: int | None) -> dict:
     import jax
     import numpy as np
@@ -20,8 +31,14 @@ def run_sample(config, workdir: str, step: int | None) -> dict:
          f" parameters)")
     t0 = time.perf_counter()
     try:
+        # what the family's generation draws on, from the train state (an autoencoder's prior
+        # latents, DiVAE's codes under its frozen VQ, LDM's scale factor; None for most families)
+        z, what = exp.family.generation_latents(exp, state, int(s.num_samples), int(s.seed),
+                                                train_images=_first_train_images(config))
+        if what:
+            say(f"generation draws on: {what}")
         x, labels = generate(exp, make_eps_fn(exp), sampling_params(exp, state),
-                              int(s.num_samples), int(s.seed))
+                              int(s.num_samples), int(s.seed), z=z)
     except FloatingPointError as e:
         raise CLIError(f"sampling from checkpoint step {ckpt_step} failed: {e}") from None
     seconds = time.perf_counter() - t0

@@ -23,6 +23,10 @@ capabilities and never branch on its name:
                     learns the velocity score; generation by SSCS / EM / PF-ODE (no scalar eps)
     ddgan.py        'ddgan': denoising diffusion GAN, a z-conditioned UNet generator and a
                     time-conditional discriminator trained in alternating phases; T-step generation
+    lsgm.py         'lsgm': LSGM, a VAE whose prior is a score model on its latents (mixed score),
+                    VAE and prior phases with their own optimisers; NLL bound through the PF-ODE
+    divae.py        'divae': DiVAE, a VQ-VAE whose decoder is a diffusion UNet conditioned on the
+                    quantised codes (beside the deterministic VQ-VAE decoder of the same codes)
 
 config.model.family None (every config and checkpoint written before the field) resolves to
 'cld' when config.process.name is 'cld', 'autoencoder' when config.autoencoder.kind is not
@@ -31,9 +35,8 @@ config.model.family None (every config and checkpoint written before the field) 
 Adding a family: a module models/<name>.py with a `ModelFamily` subclass decorated with
 `@register_family('<name>')` that overrides what differs from the defaults (network, init,
 objective; its own prior and `generate`; `state_structure` for what its checkpoint holds), one
-import line below, and a config that sets model.family='<name>'. Planned (issue 15):
-LSGM, DiVAE, DDGAN (their maths: objectives/vae.py, lsgm.py, ddgan.py, quantization.py); a
-phase-space process such as CLD would be a 'cld' family.
+import line below, and a config that sets model.family='<name>'. Alternating updates of
+parameter groups (GANs, LSGM): return a `training.PhasedLoss` and give `optimizer_groups`.
 
 Layering: above networks, autoencoders, objectives, processes and sampling; below cli and bench,
 which use it; never imports cli. From training it reads only the train state's layout (EMA keys,

@@ -15,9 +15,10 @@ paper's fast sampler) on the quadratic grid with the final denoising step; confi
 is the probability-flow ODE (here fixed-step Heun; the paper's is RK45 with rtol = atol = 1e-5).
 
 Differences from the official model, as far as the library's UNet expresses it: no FIR (1, 3, 3, 1)
-resampling, no progressive input / combine, init_scale 0 not applied, and the time embedding is
-Gaussian Fourier features (scale 16) of t instead of log t. The likelihood (likelihood_eps 1e-5,
-Hutchinson with Rademacher probes) is `likelihood.cld_likelihood_bound`, not wired to --mode=eval.
+resampling, no progressive input / combine, init_scale 0 not applied. The time embedding is the
+official one: Gaussian Fourier features (scale 16) of log t (model.time_input = 'log'). The
+likelihood (likelihood_eps 1e-5, Hutchinson with Rademacher probes) is
+`likelihood.cld_likelihood_bound`: --mode=eval with --config.eval.bpd=True.
 """
 from ml_collections import config_dict
 
@@ -43,6 +44,7 @@ def get_config():
     model.resblock_updown = True         # resblock_type 'biggan'
     model.skip_rescale = True
     model.time_embedding = "fourier"     # official: Fourier features of log t
+    model.time_input = "log"
     model.fourier_scale = 16.0
     model.time_scale = 1.0
 

@@ -224,6 +224,19 @@ def test_fourier_embedding():
     np.testing.assert_array_equal(e, np.asarray(emb(t, 16, 2.0)))   # fixed frequencies
 
 
+def test_log_time_input_embeds_log_t(unet_bf16):
+    """time_input='log' (CLD-SGM / NCSN++): the network at t is the 'linear' network at log t,
+    with the same parameters; t = 0 stays finite (floored at 1e-8)."""
+    logged = Model(unet_bf16.module.clone(time_input="log"))
+    np.testing.assert_array_equal(logged(params=unet_bf16.params),
+                                  unet_bf16(t=np.log(T).astype(np.float32)))
+    assert np.all(np.isfinite(logged(params=unet_bf16.params, t=np.zeros_like(T))))
+    from diffusion_jax.networks.embeddings import time_input
+    np.testing.assert_allclose(time_input(np.array([1.0, np.e]), "log", 2.0, 0.5), [-0.5, 1.5])
+    with pytest.raises(ValueError, match="unknown time input 'sqrt'"):
+        time_input(T, "sqrt")
+
+
 # ---------------------------------------------------------------- feature readouts
 
 def _sown(module, params, cond=None, shape=X.shape):

@@ -107,6 +107,7 @@ def _spacings() -> tuple[str, ...]:
 # The networks' configurable fields (a subset of the Flax modules' attributes; dtype comes from
 # train.precision). tests/test_configs.py checks that each is a real attribute of the module.
 _TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+_TIME_INPUTS = ("linear", "log")
 UNET_FIELDS: dict[str, Field] = {
     "ch": Field(int, 128, check=_positive, doc="base channels"),
     "ch_mult": Field(tuple, (1, 2, 2, 2), item=int, doc="channel multiplier per resolution"),
@@ -115,6 +116,8 @@ UNET_FIELDS: dict[str, Field] = {
     "dropout": Field(float, 0.1, check=_unit),
     "time_embedding": Field(str, "sinusoidal", choices=_TIME_EMBEDDINGS),
     "time_scale": Field(float, 1000.0, doc="the embedding sees time_scale * t"),
+    "time_input": Field(str, "linear", choices=_TIME_INPUTS,
+                        doc="'log': the embedding sees time_scale * log t (NCSN++ / CLD-SGM)"),
     "fourier_scale": Field(float, 16.0),
     "num_classes": Field(int, None, optional=True, doc="class-conditional when set"),
     "resblock_updown": Field(bool, False),
@@ -145,6 +148,7 @@ DIT_FIELDS: dict[str, Field] = {
     "dropout": Field(float, 0.0, check=_unit),
     "time_embedding": Field(str, "sinusoidal", choices=_TIME_EMBEDDINGS),
     "time_scale": Field(float, 1000.0),
+    "time_input": Field(str, "linear", choices=_TIME_INPUTS),
     "fourier_scale": Field(float, 16.0),
     "frequency_dim": Field(int, 256, check=_positive),
 }

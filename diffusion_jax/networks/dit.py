@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.networks import partitioning as P
-from diffusion_jax.networks.embeddings import sincos_2d_posemb, timestep_embedding
+from diffusion_jax.networks.embeddings import sincos_2d_posemb, time_input, timestep_embedding
 from diffusion_jax.networks.layers import MultiHeadAttention, dense
 from diffusion_jax.networks.unet import FeatureInfo, _check_z_modes, _split_cond
 
@@ -140,6 +140,7 @@ class DiT(nn.Module):
     fourier_scale: float = 16.0
     frequency_dim: int = 256
     time_offset: float = 0.0               # embedding input time_scale * t - time_offset
+    time_input: str = "linear"             # 'linear' (t) | 'log' (log t), before scale and offset
     time_flip_sin_cos: bool = False        # [cos, sin] frequency embedding (diffusers / DiT)
     time_freq_shift: float = 1.0           # w_k = 10000^(-k / (half - time_freq_shift))
     pos_embed_order: str = "hw"            # 'hw' | 'wh' (first half of channels: row | column)
@@ -178,7 +179,7 @@ class DiT(nn.Module):
 
         # Conditioning embedding c.
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
-        s = self.time_scale * t - self.time_offset
+        s = time_input(t, self.time_input, self.time_scale, self.time_offset)
         if self.time_embedding == "sinusoidal" and self.time_freq_shift != 1.0:
             c = _sinusoidal(s, self.frequency_dim, self.time_freq_shift)
         else:

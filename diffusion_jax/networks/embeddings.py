@@ -53,6 +53,22 @@ def fourier_embedding(t: jax.Array, dim: int, scale: float = 16.0, seed: int = 0
     return emb
 
 
+TIME_INPUTS = ("linear", "log")
+LOG_T_FLOOR = 1e-8
+
+
+def time_input(t: jax.Array, kind: str = "linear", scale: float = 1.0,
+               offset: float = 0.0) -> jax.Array:
+    """The scalar an embedding sees: scale * t - offset ('linear'), or scale * log(max(t, 1e-8))
+    - offset ('log': NCSN++ / CLD-SGM's Fourier features of log t; the floor keeps t = 0 finite)."""
+    t = jnp.asarray(t, jnp.float32)
+    if kind == "linear":
+        return scale * t - offset
+    if kind == "log":
+        return scale * jnp.log(jnp.maximum(t, LOG_T_FLOOR)) - offset
+    raise ValueError(f"unknown time input {kind!r}; expected one of {TIME_INPUTS}")
+
+
 def timestep_embedding(t: jax.Array, dim: int, kind: str = "sinusoidal",
                        fourier_scale: float = 16.0, *, freq_shift: float = 1.0,
                        flip_sin_cos: bool = False) -> jax.Array:

@@ -6,7 +6,8 @@ original DDPM TF code (35,746,307 parameters on 32x32x3, the paper's 35.7M): sco
 blocks, with attention after *every* up-path ResBlock at an attention resolution (score_sde
 attends once per up level: 35.2M).
 
-    temb = W2 silu(W1 emb(time_scale * t - time_offset))  [+ E[label]]  [+ W_z z  if 'time_add']
+    temb = W2 silu(W1 emb(time_scale * T(t) - time_offset))  [+ E[label]]  [+ W_z z  if 'time_add']
+           (T = identity, or log for time_input='log': NCSN++ / CLD-SGM's Fourier features of log t)
     h = conv_in(x); skips = [h]
     down, level l = 0..L-1:  num_res_blocks x (ResBlock [+ AttnBlock if H in attn_resolutions]),
                              each output pushed to skips; then Downsample (not on the last level)
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.networks import partitioning as P
-from diffusion_jax.networks.embeddings import timestep_embedding
+from diffusion_jax.networks.embeddings import time_input, timestep_embedding
 from diffusion_jax.networks.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv, dense,
                                            default_init, group_norm)
 
@@ -94,6 +95,7 @@ class UNet(nn.Module):
     time_embedding: str = "sinusoidal"     # 'sinusoidal' | 'fourier'
     time_scale: float = 1000.0             # embedding input is time_scale * t - time_offset
     time_offset: float = 0.0
+    time_input: str = "linear"             # 'linear' (t) | 'log' (log t), before scale and offset
     time_flip_sin_cos: bool = False        # sinusoidal: [cos, sin] instead of [sin, cos]
     time_freq_shift: float = 1.0           # sinusoidal: w_k = 10000 ** (-k / (ch/2 - shift))
     fourier_scale: float = 16.0            # std of the Fourier frequencies
@@ -172,7 +174,8 @@ class UNet(nn.Module):
 
         # Time (+ label, + z) embedding.
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (batch,))
-        temb = timestep_embedding(self.time_scale * t - self.time_offset, self.ch,
+        temb = timestep_embedding(time_input(t, self.time_input, self.time_scale, self.time_offset),
+                                  self.ch,
                                   self.time_embedding, self.fourier_scale,
                                   freq_shift=self.time_freq_shift,
                                   flip_sin_cos=self.time_flip_sin_cos)

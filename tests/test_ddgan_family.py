@@ -181,7 +181,9 @@ def test_bad_config_is_refused_naming_the_field(override, named):
 def test_configs_load_and_resolve_to_the_family():
     for name in ("ddgan_digits.py", "ddgan_cifar10.py"):
         c = cv.load_config(os.path.join(ROOT, "configs", name))
-        assert M.family_for(c).name == "ddgan" and c.ddgan.num_timesteps == 4
+        fam = M.family_for(c)
+        assert fam.name == "ddgan" and c.ddgan.num_timesteps == 4
+        assert fam.nfe_per_sample() == 4.0        # one generator call per step, not config.sample's
 
 
 def test_tiny_cli_run_writes_checkpoint_samples_and_report(tmp_path, compile_cache):

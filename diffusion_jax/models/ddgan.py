@@ -160,6 +160,11 @@ class DDGANFamily(ModelFamily):
     def sampler_description(self) -> str:
         return f"DDGAN, T = {int(self.config.ddgan.num_timesteps)} generator steps"
 
+    def nfe_per_sample(self) -> float:
+        """One generator evaluation per step of the T-step chain (config.ddgan.num_timesteps);
+        config.sample's sampler and steps do not apply."""
+        return float(int(self.config.ddgan.num_timesteps))
+
     def schedule(self):
         return ddgan_schedule(self.config)
 

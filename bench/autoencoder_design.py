@@ -81,6 +81,7 @@ VARIANTS = {
     "dmz_usage_small": {**DMZ, "autoencoder.bit_usage_weight": 0.01},
     "dmz_st": {**DMZ, "autoencoder.straight_through": True},
     "dmz_usage_st": {**DMZ, "autoencoder.bit_usage_weight": 1.0, "autoencoder.straight_through": True},
+    "dmz_tau": {**DMZ, "autoencoder.tau_final": 0.3, "autoencoder.tau_anneal_steps": 500},   # 1 -> 0.3
 }
 
 

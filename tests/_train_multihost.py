@@ -23,7 +23,10 @@ parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--steps", type=int, default=4)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = " ".join(   # this process' device count; the parent's other flags kept
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={args.devices}"])
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402

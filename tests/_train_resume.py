@@ -18,7 +18,10 @@ parser.add_argument("--devices", type=int, default=2)
 parser.add_argument("--checkpoint-every", type=int, default=3)
 args = parser.parse_args()
 
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ["XLA_FLAGS"] = " ".join(   # this process' device count; the parent's other flags kept
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={args.devices}"])
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import time  # noqa: E402

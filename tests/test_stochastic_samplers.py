@@ -265,14 +265,15 @@ def test_keys_and_injected_noise(name):
     a, b, c = run(x, k1, None).x, run(x, k1, None).x, run(x, k2, None).x
     np.testing.assert_array_equal(a, b)
     assert np.min(np.abs(np.asarray(a - c))) > 0
-    # Pre-drawing each step's noise with step_noise reproduces the key-driven run.
+    # Pre-drawing each step's noise with step_noise reproduces the key-driven run (to float32 rounding:
+    # the two programs are compiled separately, and x reaches |x| ~ 60 here).
     shape = noise_shape(6, x.shape)
     if len(shape) == x.ndim + 1:
         noise = jnp.stack([step_noise(k1, None, i, x.shape) for i in range(6)])
     else:
         noise = jnp.stack([jnp.stack([step_noise(k1, None, i, x.shape, k=k) for k in range(shape[1])])
                            for i in range(6)])
-    np.testing.assert_allclose(run(x, None, noise).x, a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run(x, None, noise).x, a, rtol=1e-5, atol=1e-5)
 
 
 def test_registry_runs_stochastic_samplers():

@@ -1,5 +1,6 @@
-"""Experiment configs: the schema and defaults (`schema.py`), validation on load (`validate.py`) and a
-file loader with overrides (`loading.py`).
+"""Experiment configs: the schema and defaults (`schema.py`, with its sections by topic in `fields.py`,
+`networks.py`, `objectives.py` and `families.py`), validation on load (`validate.py`) and a file loader
+with overrides (`loading.py`).
 
 An experiment config is an `ml_collections.ConfigDict` with these sections (`base_config()` builds
 one with every field at its default; the files in `configs/` start from it):

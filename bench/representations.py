@@ -2,7 +2,7 @@
 
     python bench/representations.py [--out bench/results/representations.json] [--quick]
         [--datasets digits/16,shapes/32,glyphs/32] [--steps N] [--batch 32] [--num_gen 500]
-        [--gen_steps 10,20,50,100] [--fresh] [--dmz_bit_usage W]
+        [--gen_steps 10,20,50,100] [--fresh] [--dmz_bit_usage W] [--dmz_objective hybrid|v]
 
 For each dataset three models are trained through the command line's own code path
 (`diffusion_jax.cli.execute(config, workdir, 'train')`, configs built here from `base_config`),
@@ -106,7 +106,8 @@ READOUT_POOL = "gmp"   # max pooling: a small glyph on a large background is not
 
 
 def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: int = 0,
-                latent_steps: int = 1500, sample_batch: int = 250, dmz_bit_usage: float = 0.0):
+                latent_steps: int = 1500, sample_batch: int = 250, dmz_bit_usage: float = 0.0,
+                dmz_objective: str = "hybrid"):
     """The experiment config of `model` ('ddpm' | 'diffae' | 'dmz') on `dataset` (see the module
     docstring); validated by `cli.execute`."""
     if dataset not in DATASETS:
@@ -114,7 +115,10 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid: {MODELS}")
     spec = DATASETS[dataset]
-    c = base_config("unet", "ddpm", "v" if model == "diffae" else "hybrid")
+    if dmz_objective not in ("hybrid", "v"):
+        raise ValueError(f"dmz_objective must be 'hybrid' (the paper's) or 'v', got {dmz_objective!r}")
+    v_objective = model == "diffae" or (model == "dmz" and dmz_objective == "v")
+    c = base_config("unet", "ddpm", "v" if v_objective else "hybrid")
     d = c.data
     d.name, d.image_size, d.batch_size, d.random_flip = dataset, spec.image_size, batch, False
     m = c.model
@@ -123,7 +127,7 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
     c.process.kwargs.num_steps = 1000
     c.process.kwargs.beta_schedule = "cosine"
     o = c.objective.kwargs
-    if model == "diffae":
+    if v_objective:
         o.weighting, o.time_sampling = "none", "uniform"
     else:
         o.vb_weight, o.input_perturbation, o.time_sampling = 0.001, IP_GAMMA, "loss_aware"
@@ -150,7 +154,7 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
         ls.num_steps, ls.num_layers, ls.hidden, ls.batch_size = latent_steps, 4, 256, 256
         ls.learning_rate, ls.loss, ls.sample_steps = 1e-3, "l1", 50
     s = c.sample
-    if model == "diffae":
+    if v_objective:
         s.sampler, s.num_steps = "ddim", 50
     else:
         s.sampler, s.num_steps, s.spacing = "ancestral", 100, "uniform"
@@ -168,9 +172,15 @@ def make_config(dataset: str, model: str, *, steps: int, batch: int = 32, seed: 
 
 
 # ------------------------------------------------------------------------------------ training
-def run_dir(workdir: str, dataset: str, model: str, steps: int, batch: int) -> str:
+def run_dir(workdir: str, dataset: str, model: str, steps: int, batch: int, variant: str = "") -> str:
     return os.path.join(os.path.abspath(workdir), "runs", dataset.replace("/", "_"),
-                        f"{model}_s{steps}_b{batch}")
+                        f"{model}{variant}_s{steps}_b{batch}")
+
+
+def dmz_variant(args) -> str:
+    """The DMZ run's folder suffix: '' for the paper's loss, else its bit-usage weight / objective."""
+    return ((f"_usage{args.dmz_bit_usage:g}" if args.dmz_bit_usage else "")
+            + ("_v" if args.dmz_objective == "v" else ""))
 
 
 def train_model(config, wd: str, fresh: bool) -> dict:
@@ -351,8 +361,9 @@ def run_dataset(dataset: str, args, log) -> dict:
     for name in MODELS:
         cfg = make_config(dataset, name, steps=steps, batch=args.batch, seed=args.seed,
                           latent_steps=args.latent_steps, sample_batch=min(args.num_gen, 500),
-                          dmz_bit_usage=args.dmz_bit_usage)
-        wd = run_dir(args.workdir, dataset, name, steps, args.batch)
+                          dmz_bit_usage=args.dmz_bit_usage, dmz_objective=args.dmz_objective)
+        wd = run_dir(args.workdir, dataset, name, steps, args.batch,
+                     dmz_variant(args) if name == "dmz" else "")
         log(f"[{dataset}] training {NAMES[name]} ({steps} steps) in {wd}")
         tr = train_model(cfg, wd, args.fresh)
         configs[name] = cfg
@@ -504,6 +515,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dmz_bit_usage", type=float, default=0.0,
                     help="DMZ's autoencoder.bit_usage_weight (0: the paper's loss)")
+    ap.add_argument("--dmz_objective", default="hybrid", choices=("hybrid", "v"),
+                    help="DMZ's objective: 'hybrid' (the paper's eps + L_vb, learned variance, "
+                         "DDPM-IP, loss-aware t) or 'v' (issue 12's design sweep; DDIM sampling)")
     ap.add_argument("--fresh", action="store_true", help="retrain even if a finished run exists")
     ap.add_argument("--quick", action="store_true", help="smoke run: 60 steps, few samples")
     args = ap.parse_args()

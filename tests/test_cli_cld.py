@@ -25,7 +25,7 @@ CLD = os.path.join(ROOT, "configs", "cld_digits.py")
 
 
 def tiny_cld(workdir, data_dir, *extra):
-    argv = [f"--config={CLD}" if a.startswith("--config=") else a for a in tiny(workdir, data_dir)]
+    argv = [f"--config={CLD}" if a.startswith("--config=") else a for a in tiny(workdir, data_dir, one_device=True)]
     return argv + ["--config.train.num_steps=3", "--config.train.sample_every=3",
                    "--config.train.checkpoint_every=3", *extra]
 

@@ -29,7 +29,7 @@ def tiny_flow(workdir, data_dir, *extra):
             "--config.train.num_steps=2", "--config.train.sample_every=2", "--config.train.log_every=1",
             "--config.train.checkpoint_every=2", "--config.sample.num_steps=2",
             "--config.sample.num_samples=8", "--config.sample.batch_size=8",
-            "--config.report.enabled=False", "--noprogress", *extra]
+            "--config.report.enabled=False", "--config.mesh.shape=(1,1,1)", "--noprogress", *extra]
 
 
 def test_flow_config_trains_samples_and_sdedits(tmp_path, compile_cache):

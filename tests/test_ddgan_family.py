@@ -188,7 +188,7 @@ def test_configs_load_and_resolve_to_the_family():
 
 def test_tiny_cli_run_writes_checkpoint_samples_and_report(tmp_path, compile_cache):
     workdir, data_dir = str(tmp_path / "run"), str(tmp_path / "data")
-    argv = [f"--config={DIGITS}" if a.startswith("--config=") else a for a in tiny(workdir, data_dir)]
+    argv = [f"--config={DIGITS}" if a.startswith("--config=") else a for a in tiny(workdir, data_dir, one_device=True)]
     argv = [a for a in argv if not a.startswith("--config.report.enabled")]
     argv += ["--config.model.mid_attn=False", "--config.ddgan.nz=4", "--config.ddgan.z_emb_dim=8",
              "--config.ddgan.n_mlp=1", "--config.ddgan.ngf=8", "--config.ddgan.disc_ch_mult=(1,)",

@@ -168,7 +168,8 @@ def test_keys_and_injected_noise():
     np.testing.assert_array_equal(a, b)
     assert np.min(np.abs(np.asarray(a - c))) > 0
     noise = jnp.stack([step_noise(k1, None, i, x.shape) for i in range(6)])
-    np.testing.assert_allclose(run(x, None, noise), a, rtol=1e-6, atol=1e-6)
+    # two programs (key vs injected noise): equal to float32 rounding of values up to |x| ~ 2
+    np.testing.assert_allclose(run(x, None, noise), a, rtol=1e-5, atol=1e-5)
 
 
 def test_registry_ddim_is_deterministic():

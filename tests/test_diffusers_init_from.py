@@ -59,7 +59,7 @@ def argv(workdir, data_dir, folder, *extra, variant="ddim"):
             "--config.data.batch_size=8", "--config.data.random_flip=False",
             "--config.sample.num_steps=3", "--config.sample.num_samples=8",
             "--config.sample.batch_size=8", "--config.report.enabled=False", "--noprogress",
-            *extra]
+            "--config.mesh.shape=(1,1,1)", *extra]
 
 
 def torch_eps(model, x_nhwc, t):

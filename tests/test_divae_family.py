@@ -199,7 +199,7 @@ def test_divae_from_the_command_line(tmp_path, compile_cache):
                     "--config.sample.num_steps=2", "--config.sample.num_samples=8",
                     "--config.sample.batch_size=8", "--config.readout.num_train=64",
                     "--config.readout.num_test=32", "--config.report.num_reconstructions=4",
-                    "--config.report.classifier_steps=20", "--noprogress"])
+                    "--config.report.classifier_steps=20", "--config.mesh.shape=(1,1,1)", "--noprogress"])
     assert out["step"] == 4
     assert os.listdir(os.path.join(workdir, "checkpoints"))
     assert os.path.getsize(os.path.join(workdir, "samples", "step_00000004.png")) > 0

@@ -134,7 +134,7 @@ def test_ldm_from_the_command_line_writes_first_stage_reconstructions(tmp_path, 
                     "--config.sample.num_steps=2", "--config.sample.num_samples=8",
                     "--config.sample.batch_size=8", "--config.readout.num_train=64",
                     "--config.readout.num_test=32", "--config.report.num_reconstructions=4",
-                    "--noprogress"])
+                    "--config.mesh.shape=(1,1,1)", "--noprogress"])
     assert out["step"] == 4
     assert os.path.getsize(os.path.join(workdir, "report", "first_stage_reconstructions.png")) > 0
     with open(os.path.join(workdir, "report.json")) as f:

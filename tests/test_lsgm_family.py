@@ -268,7 +268,7 @@ def test_lsgm_from_the_command_line(tmp_path, compile_cache):
             "--config.sample.num_steps=2", "--config.sample.num_samples=8",
             "--config.sample.batch_size=8", "--config.report.num_reconstructions=4",
             "--config.report.feature_distance=False", "--config.eval.num_batches=1",
-            "--config.eval.bpd_num_examples=4", "--noprogress"]
+            "--config.eval.bpd_num_examples=4", "--config.mesh.shape=(1,1,1)", "--noprogress"]
     out = cli.main(argv)
     assert out["step"] == 4
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -32,7 +32,7 @@ def _small(cfg, workdir, data_dir, *extra):
             "--config.train.num_steps=4", "--config.train.sample_every=0", "--config.train.log_every=1",
             "--config.train.checkpoint_every=0", "--config.sample.num_steps=2",
             "--config.sample.num_samples=8", "--config.sample.batch_size=8",
-            "--config.report.enabled=False", "--noprogress", *extra]
+            "--config.report.enabled=False", "--config.mesh.shape=(1,1,1)", "--noprogress", *extra]
 
 
 def test_reflow_mode_pairs_init_and_comparison(tmp_path, compile_cache):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 
 def test_checkpoints_restore_and_eval_from_relative_paths(tmp_path, monkeypatch, capsys, compile_cache):
     monkeypatch.chdir(tmp_path)
-    cli.main(tiny("run", "data", "--config.train.sample_every=0"))   # relative workdir and data_dir
+    cli.main(tiny("run", "data", "--config.train.sample_every=0", one_device=True))   # relative workdir and data_dir
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3", "6"]
 
     # The read-only checkpoint functions, given relative paths.

@@ -34,7 +34,7 @@ def test_repa_trains_against_a_diffae_run(tmp_path, compile_cache):
     repa = ["--config.train.num_steps=3", "--config.train.sample_every=0",
             "--config.train.checkpoint_every=3", "--config.repa.weight=0.5",
             f"--config.repa.target=run:{enc}", "--config.repa.block=down_0_0"]
-    out = cli.main(tiny(run, data_dir, *repa))
+    out = cli.main(tiny(run, data_dir, *repa, one_device=True))
     assert out["step"] == 3
     recs = [r for r in _records(run) if "loss" in r]
     for r in recs:       # the logged loss is the denoising loss plus 0.5 (1 - cos)

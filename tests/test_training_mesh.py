@@ -106,7 +106,15 @@ def test_mesh_shape_resolution():
     mesh = T.make_mesh((2, -1, 1))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(ValueError, match=r"needs 6 devices, but there are 8"):
-        T.make_mesh((3, 2, 1))
+        T.resolve_mesh_shape((3, 2, 1), 8)
+    with pytest.raises(ValueError, match=r"needs 9 devices, but there are 8"):
+        T.make_mesh((3, 3, 1))
+    # fixed sizes asking for fewer devices take the first ones (one process)
+    small = T.make_mesh((3, 2, 1))
+    assert dict(small.shape) == {"data": 3, "fsdp": 2, "tensor": 1}
+    assert set(small.devices.ravel()) == set(jax.devices()[:6])
+    one = T.make_mesh({"data": 1})
+    assert one.size == 1 and one.devices.ravel()[0] == jax.devices()[0]
     with pytest.raises(ValueError, match="do not divide by"):
         T.make_mesh((-1, 3, 1))
     with pytest.raises(ValueError, match="at most one axis may be -1"):

@@ -171,7 +171,7 @@ def run_train(config, workdir: str, *, progress: bool = True, loader=None,
                                        grad_norm_groups=exp.family.grad_norm_groups)
         compiled = T.compile_train_step(train_step, exp.abstract, spec, exp.mesh)
         say(f"train step compiled in {compiled.compile_seconds:.1f}s; training steps "
-             f"{step + 1}..{tc.num_steps} on {jax.device_count()} device(s), mesh "
+             f"{step + 1}..{tc.num_steps} on {exp.mesh.size} device(s), mesh "
              f"{dict(exp.mesh.shape)}")
         eps_fn = make_eps_fn(exp) if tc.sample_every else None
         saved: list[int] = []

@@ -135,7 +135,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                  "counted); 0: off. For equal-wall-clock comparisons"),
     },
     "mesh": {
-        "shape": Field(tuple, (-1, 1, 1), item=int, check=_mesh_shape_check),
+        "shape": Field(tuple, (-1, 1, 1), item=int, check=_mesh_shape_check,
+                       doc="sizes of ('data', 'fsdp', 'tensor'); one -1 fills the devices; fixed sizes "
+                           "asking for fewer devices than one process has use the first ones"),
         "axis_names": Field(tuple, MESH_AXIS_NAMES, item=str, check=_axis_names_check),
         "logical_axis_rules": Field(tuple, None, optional=True, check=_rules_check),
     },

@@ -79,9 +79,19 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
     """A `Mesh` over all (global) devices, or `devices`, with Auto axis types.
 
     Devices are ordered by `jax.make_mesh` (topology-aware on TPU); across processes the leading
-    axes span processes, so each process' devices hold a contiguous block of the batch.
+    axes span processes, so each process' devices hold a contiguous block of the batch. In a
+    single process, a `shape` of fixed sizes (no -1) that asks for fewer devices than there are
+    takes the first ones (e.g. (1, 1, 1): one device of eight, for debugging or small runs); with
+    several processes the mesh must span every device.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()
+        fixed = list(shape.values()) if isinstance(shape, Mapping) else list(shape)
+        wanted = math.prod(int(s) for s in fixed)
+        if -1 not in fixed and 0 < wanted < len(devices) and jax.process_count() == 1:
+            log.info("mesh %s uses %d of the %d devices", tuple(fixed), wanted, len(devices))
+            devices = devices[:wanted]
+    devices = list(devices)
     sizes = resolve_mesh_shape(shape, len(devices), axis_names)
     return jax.make_mesh(sizes, tuple(axis_names), axis_types=(AxisType.Auto,) * len(sizes),
                          devices=devices)

@@ -22,7 +22,7 @@ DEFAULT = os.path.join(ROOT, "configs", "default.py")
 
 
 def small(workdir, data_dir, *extra):
-    """The default config at a size that trains in seconds (8 host devices, batch 16; `ONE_DEVICE` in
+    """The default config at a size that trains in seconds (8 host devices, batch 16; "--config.mesh.shape=(1,1,1)" in
     `extra` for the first device only)."""
     return ["diffusion_jax", f"--config={DEFAULT}", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.data.batch_size=16",
